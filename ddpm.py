@@ -1,0 +1,663 @@
+"""Stage 1 of CLSP: train a small unconditional DDPM (Ho et al. 2020) from scratch.
+
+CLSP ("Contrastive Learning with Synthetic Positives", Zeng et al., ECCV 2024) makes hard positives
+for contrastive learning with a diffusion model. This file trains that diffusion model.
+
+The model learns to undo the forward (noising) process
+
+    q(x_t | x_0) = N( sqrt(abar_t) x_0, (1 - abar_t) I ),   abar_t = prod_{s<=t} (1 - beta_s)
+
+by predicting the noise: L = || eps - eps_theta( sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t ) ||^2
+(Ho et al., Algorithm 1). The UNet is split into `encode` (down path + middle, giving the bottleneck
+features h) and `decode` (up path), because stage 2 (`generate.py`) interpolates h between a sample
+and a real "anchor" image.
+
+    python ddpm.py                                   # standard preset: CIFAR-10, ch 64 UNet
+    python ddpm.py --preset quick                    # a few minutes on one H100-class GPU
+    python ddpm.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
+    python ddpm.py --resume                          # continue an interrupted run
+
+Reads:  the training images (--dataset cifar10 | cifar100 | folder, --data-dir).
+Writes: runs/ddpm.pt (raw + EMA weights, optimiser, step, settings; checkpointed as it trains)
+        runs/ddpm_samples.png (an 8x8 grid of DDIM samples from the EMA weights).
+
+This file also holds the small pieces of plumbing every stage shares (data loading, presets,
+atomic saves, progress lines, MFU); `generate.py`, `clsp.py` and `evaluate.py` import them from here.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------------
+# Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
+# ------------------------------------------------------------------------------------------------
+
+DEFAULTS = dict(  # the `standard` preset: the authors' recipe with the design card's small UNet
+    dataset="cifar10", data_dir="data", image_size=32, seed=0,
+    ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=16, dropout=0.1,   # authors: ch 128
+    T=1000, beta_1=1e-4, beta_T=0.02,                                          # Ho et al.
+    batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999,     # Ho et al. / authors
+    steps=60_000,                      # authors: ~200k steps at batch 512; Ho et al.: 800k at 128
+    sample_steps=100, eta=0.0,         # DDIM sampler used for the picture at the end
+    log_every=200, save_every=5000,
+)
+PRESETS = {
+    # seconds on a CPU: a toy UNet (2 levels, 1 block each) that shows the loop works; numbers mean nothing
+    # (16x16 images: a 2-core CPU trains ~25 images/s at 32x32 even with this toy UNet)
+    "tiny": dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=8, batch_size=16,
+                 steps=20, warmup=10, ema_decay=0.9, sample_steps=5, log_every=5, save_every=10),
+    # a few minutes on one H100: recognisable CIFAR-like samples, enough for the `quick` pipeline
+    "quick": dict(steps=8_000, warmup=1000, ema_decay=0.999, save_every=2000),
+    "standard": dict(),
+    # the authors' settings: the 35.7 M UNet of Ho et al., global batch 512 for ~200k steps
+    "paper": dict(ch=128, batch_size=512, steps=200_000, ema_decay=0.9999),
+}
+
+
+def fail(msg):
+    """Stop with one clear sentence (and exit code 1), never with a traceback, for a user's mistake."""
+    raise SystemExit(f"error: {msg}")
+
+
+def resolve_settings(args, defaults, presets):
+    """settings = defaults <- preset <- every flag the user gave explicitly (argparse default None)."""
+    if args.preset not in presets:
+        fail(f"unknown --preset {args.preset!r}; choose one of {', '.join(presets)}")
+    explicit = {k: list(v) if isinstance(v, tuple) else v             # tuples as lists, as saved
+                for k, v in vars(args).items() if v is not None and k in defaults}
+    settings = {**defaults, **presets[args.preset], **explicit}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, explicit
+
+
+def pick_device(name):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name!r} is not a device name; use cuda, cuda:1 or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name} was asked for but PyTorch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: the whole data set as one uint8 tensor [N, 3, H, W] (150 MB for CIFAR-10), loaded once.
+# Every stage uses this, so "image i" means the same picture in all four scripts.
+# ------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff")
+
+
+def load_dataset(name, data_dir, split, image_size=32):
+    """Returns (x uint8 [N, 3, S, S], y int64 [N], class_names) for split 'train' or 'test'."""
+    if name in ("cifar10", "cifar100"):
+        x, y, classes = _load_cifar(name, data_dir, split)
+        if image_size != 32:
+            x = F.interpolate(x.float(), size=image_size, mode="bilinear", antialias=True,
+                              align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        return x, y, classes
+    if name == "folder":
+        return _load_folder(data_dir, split, image_size)
+    fail(f"unknown --dataset {name!r}; choose cifar10, cifar100 or folder (with --data-dir DIR)")
+
+
+def _load_cifar(name, data_dir, split):
+    import torchvision  # imported here: only this branch needs it
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        ds = cls(root=data_dir, train=(split == "train"), download=True)
+    except Exception as e:  # no network, a half-downloaded archive, a read-only directory...
+        fail(f"could not find or download {name} under {data_dir!r} ({type(e).__name__}: {e}); "
+             f"download it on a machine with internet into that directory, or point at an image "
+             f"folder with --dataset folder --data-dir DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
+    x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()   # NHWC -> NCHW
+    return x, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)
+
+
+def _load_folder(data_dir, split, image_size):
+    """An image-folder tree DIR/<split>/<class>/*.png, read once with PIL and cached beside it."""
+    from PIL import Image
+    root = os.path.join(data_dir, split)
+    if not os.path.isdir(root):
+        fail(f"no folder {root!r}: --dataset folder expects DIR/train/<class>/* and DIR/test/<class>/*")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        fail(f"found no images under {root!r}; expected {root}/<class>/<image>.png")
+    # A cache keyed by the file list, sizes and times, so the PNGs are decoded only the first time.
+    key = hashlib.sha1(json.dumps([(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files]
+                                  + [image_size]).encode()).hexdigest()[:16]
+    cache = os.path.join(data_dir, f".cache_{split}_{image_size}px_{key}.pt")
+    if os.path.exists(cache):
+        try:
+            c = torch.load(cache, weights_only=True)
+            return c["x"], c["y"], c["classes"]
+        except Exception:
+            pass  # a damaged cache is simply rebuilt
+
+    def read(path):
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception as e:
+            fail(f"cannot read image {path!r} ({e}); remove or replace it")
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        return np.asarray(img)
+
+    with ThreadPoolExecutor(8) as pool:
+        x = np.stack(list(pool.map(read, [p for p, _ in files])))
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor([i for _, i in files], dtype=torch.int64)
+    try:
+        atomic_save({"x": x, "y": y, "classes": classes}, cache)
+    except OSError:
+        pass  # a read-only data directory: no cache, just slower next time
+    return x, y, classes
+
+
+def data_info(name, x, classes):
+    """What every artifact records about the data it was made from, so the next stage can check it."""
+    return dict(dataset=name, image_size=int(x.shape[-1]), num_classes=len(classes),
+                num_train=int(x.shape[0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Artifacts: plain dicts of tensors and Python values, so torch.load(..., weights_only=True) reads
+# them; written to a temporary file and renamed, so an interruption never leaves half a file.
+# ------------------------------------------------------------------------------------------------
+
+def atomic_save(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)   # atomic on POSIX and Windows: readers see the old file or the new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_artifact(path, made_by):
+    """Load an artifact, or stop with a sentence that says which script makes it."""
+    if not os.path.exists(path):
+        fail(f"{path} does not exist; run `python {made_by}` first (or point the flag at the right file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable artifact ({type(e).__name__}); it may be truncated or from "
+             f"another program: delete it and run `python {made_by}` again")
+
+
+def save_grid(images, path, nrow):
+    """uint8 [N, 3, H, W] -> one PNG grid (2-pixel white border), written atomically."""
+    from PIL import Image
+    n, c, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    grid = torch.full((c, ncol * (h + 2) + 2, nrow * (w + 2) + 2), 255, dtype=torch.uint8)
+    for i, img in enumerate(images.cpu()):
+        r, q = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = img
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress lines and model FLOPs utilisation (MFU = achieved FLOP/s / the GPU's dense bf16 peak).
+# ------------------------------------------------------------------------------------------------
+
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "GH200": 989, "A100": 312, "A800": 312, "L40S": 362,
+                    "L40": 181, "L4": 121, "A10": 125, "RTX 4090": 165, "RTX 3090": 71, "V100": 125,
+                    "T4": 65}
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 tensor-core peak in FLOP/s, or None when unknown (then no MFU is shown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn(), counted by PyTorch's own operator-level counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def fmt_time(seconds):
+    seconds = int(max(seconds, 0))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Prints `step 1200/60000 | loss 0.031 | 5230 img/s | 41% MFU | 2m10s elapsed, 14m05s left`."""
+
+    def __init__(self, total, done=0, unit="step", images_per_unit=1, flops_per_unit=None, peak=None):
+        self.total, self.start_done, self.unit = total, done, unit
+        self.images_per_unit, self.flops_per_unit, self.peak = images_per_unit, flops_per_unit, peak
+        self.t0 = time.perf_counter()
+
+    def line(self, done, **metrics):
+        dt = time.perf_counter() - self.t0
+        rate = (done - self.start_done) / max(dt, 1e-9)           # units per second
+        parts = [f"{self.unit} {done}/{self.total}"]
+        parts += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        parts.append(f"{rate * self.images_per_unit:,.0f} img/s")
+        if self.flops_per_unit and self.peak:
+            parts.append(f"MFU {100 * rate * self.flops_per_unit / self.peak:.1f}%")
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        parts.append(f"{fmt_time(dt)} elapsed, {fmt_time(left) if math.isfinite(left) else '?'} left")
+        print(" | ".join(parts), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The forward process. Ho et al. eq. (4): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+# ------------------------------------------------------------------------------------------------
+
+def make_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+    """abar_t for t = 0..T-1 (index 0 is the paper's t = 1), computed in float64 then stored as float32."""
+    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)   # linear schedule, Ho et al. sec. 4
+    abar = torch.cumprod(1.0 - beta, dim=0)
+    return abar.float()
+
+
+def q_sample(x0, t, eps, abar):
+    """Noise clean images x0 to step t in one jump (the closed form of q(x_t | x_0))."""
+    a = abar[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def ddpm_loss(model, x0, abar):
+    """Algorithm 1 of Ho et al.: t ~ Uniform, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2."""
+    t = torch.randint(0, abar.numel(), (x0.shape[0],), device=x0.device)
+    eps = torch.randn_like(x0)
+    x_t = q_sample(x0, t, eps, abar)
+    return F.mse_loss(model(x_t, t).float(), eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# The UNet (the DDPM CIFAR-10 layout). ch 128 -> 35.7 M parameters (the authors'), ch 64 -> 9.0 M.
+# ------------------------------------------------------------------------------------------------
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the step t (as in the Transformer), [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, + the projected time embedding, GN-SiLU-dropout-conv, + (1x1-projected) input."""
+
+    def __init__(self, in_ch, out_ch, tdim, dropout, attn=False):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.GroupNorm(32, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, out_ch))
+        self.block2 = nn.Sequential(nn.GroupNorm(32, out_ch), nn.SiLU(), nn.Dropout(dropout),
+                                    nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = Attention(out_ch) if attn else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.block1(x) + self.temb_proj(temb)[:, :, None, None]
+        h = self.block2(h) + self.shortcut(x)
+        return self.attn(h)
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # [B, HW, C]
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]           # fused kernel
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, temb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, temb=None):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t), split as decode(encode(x_t, t)) so stage 2 can edit the bottleneck h."""
+
+    def __init__(self, ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=16, dropout=0.1, image_size=32):
+        super().__init__()
+        self.ch = ch
+        tdim = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+
+        # Down path: num_res_blocks ResBlocks per level, a stride-2 conv between levels. Every output is
+        # remembered (`chans`) because the up path concatenates it back in (the UNet's skip connections).
+        self.down, chans, now, res = nn.ModuleList(), [ch], ch, image_size
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(now, ch * mult, tdim, dropout, attn=(res == attn_res)))
+                now = ch * mult
+                chans.append(now)
+            if i != len(ch_mult) - 1:
+                self.down.append(Downsample(now))
+                chans.append(now)
+                res //= 2
+        # Middle, at the lowest resolution (4x4 for 32x32 inputs): its output is the bottleneck h.
+        self.mid = nn.ModuleList([ResBlock(now, now, tdim, dropout, attn=True),
+                                  ResBlock(now, now, tdim, dropout)])
+        # Up path, the mirror image: one more ResBlock per level, each eating one skip connection.
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(chans.pop() + now, ch * mult, tdim, dropout, attn=(res == attn_res)))
+                now = ch * mult
+            if i != 0:
+                self.up.append(Upsample(now))
+                res *= 2
+        self.out = nn.Sequential(nn.GroupNorm(32, now), nn.SiLU(), nn.Conv2d(now, 3, 3, padding=1))
+        self._init_weights()
+
+    def _init_weights(self):
+        # As in the DDPM reference code: Xavier-uniform everywhere, and the last layer of every residual
+        # branch (and of the network) nearly zero, so each block starts as the identity.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.xavier_uniform_(m.block2[-1].weight, gain=1e-5)
+            if isinstance(m, Attention):
+                nn.init.xavier_uniform_(m.proj.weight, gain=1e-5)
+        nn.init.xavier_uniform_(self.out[-1].weight, gain=1e-5)
+
+    def encode(self, x_t, t):
+        """Input conv, down path and middle blocks -> (h, skips, temb). h: [B, 2ch, 4, 4] for 32x32."""
+        temb = self.temb(timestep_embedding(t, self.ch))
+        h = self.conv_in(x_t)
+        skips = [h]
+        for block in self.down:
+            h = block(h, temb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, temb)
+        return h, skips, temb
+
+    def decode(self, h, skips, temb):
+        """Up path (concatenating the skips, deepest first) and output layers -> eps."""
+        skips = list(skips)          # a copy: the caller's list is left as it was
+        for block in self.up:
+            if isinstance(block, ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, temb)
+        return self.out(h)
+
+    def forward(self, x_t, t):
+        return self.decode(*self.encode(x_t, t))
+
+
+def build_unet(s):
+    return UNet(s["ch"], tuple(s["ch_mult"]), s["num_res_blocks"], s["attn_res"], s["dropout"], s["image_size"])
+
+
+# ------------------------------------------------------------------------------------------------
+# DDIM sampling (Song et al. 2021, eq. 12). eta = 0 is deterministic; eta = 1 is DDPM-like.
+# ------------------------------------------------------------------------------------------------
+
+def ddim_timesteps(S, T=1000):
+    """S evenly spaced steps, from T-1 down: 999, 989, ..., 9 for S = 100 (then -1 means 'done')."""
+    return [T - 1 - i * (T // S) for i in range(S)]
+
+
+def ddim_step(x, eps, t, t_next, abar, eta, noise):
+    """One DDIM update x_t -> x_{t_next}, given the predicted eps. Returns x0 itself when t_next < 0."""
+    a_t = abar[t]
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()            # the model's guess of the clean image
+    if t_next < 0:
+        return x0
+    a_next = abar[t_next]
+    sigma = eta * ((1 - a_next) / (1 - a_t)).sqrt() * (1 - a_t / a_next).sqrt()
+    return a_next.sqrt() * x0 + (1 - a_next - sigma ** 2).sqrt() * eps + sigma * noise
+
+
+@torch.no_grad()
+def ddim_sample(model, x_T, abar, S=100, eta=0.0, generator=None):
+    """Plain DDIM from x_T. The step noise is drawn from `generator`, so a seed fixes the result."""
+    x = x_T
+    steps = ddim_timesteps(S, abar.numel())
+    for t, t_next in zip(steps, steps[1:] + [-1]):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = model(x, tt).float()
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if t_next >= 0 else None
+        x = ddim_step(x, eps, t, t_next, abar, eta, noise)
+    return x
+
+
+def to_uint8(x):
+    """[-1, 1] floats -> uint8 pixels, as the DDPM reference saves its samples."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training.
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 1 of CLSP: train a small UNet DDPM.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper")
+    p.add_argument("--dataset", help="cifar10 | cifar100 | folder (standard: cifar10)")
+    p.add_argument("--data-dir", help="where the data set is, or is downloaded to (standard: data)")
+    p.add_argument("--image-size", type=int, help="images are resized to this (standard: 32)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, help="random seed (standard: 0)")
+    p.add_argument("--ch", type=int, help="UNet base width; 64 -> 9 M parameters, 128 -> 35.7 M (standard: 64)")
+    p.add_argument("--ch-mult", type=lambda s: tuple(int(c) for c in s.split(",")),
+                   help="width multiplier per resolution level, e.g. 1,2,2,2")
+    p.add_argument("--num-res-blocks", type=int, help="residual blocks per level (standard: 2)")
+    p.add_argument("--dropout", type=float, help="dropout in the residual blocks (standard: 0.1)")
+    p.add_argument("--steps", type=int, help="optimiser steps in all (standard: 60000)")
+    p.add_argument("--batch-size", type=int, help="images per step (standard: 128)")
+    p.add_argument("--lr", type=float, help="Adam learning rate after warm-up (standard: 2e-4)")
+    p.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (standard: 5000)")
+    p.add_argument("--ema-decay", type=float, help="EMA decay of the weights used to sample (standard: 0.9999)")
+    p.add_argument("--sample-steps", type=int, help="DDIM steps for the sample grid (standard: 100)")
+    p.add_argument("--log-every", type=int, help="print a progress line every N steps")
+    p.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster on a GPU after ~1 min of compiling)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final step")
+    p.add_argument("--out", default="runs/ddpm.pt", help="the checkpoint / artifact to write")
+    p.add_argument("--samples", default="runs/ddpm_samples.png", help="the sample grid to write")
+    return p.parse_args(argv)
+
+
+def check_settings(s):
+    positive = ["image_size", "ch", "num_res_blocks", "steps", "batch_size", "warmup", "sample_steps",
+                "log_every", "save_every"]
+    for k in positive:
+        if s[k] < (0 if k == "warmup" else 1):
+            fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
+    if s["ch"] % 32:
+        fail(f"--ch must be a multiple of 32 (GroupNorm uses 32 groups), got {s['ch']}")
+    if not 0 <= s["dropout"] < 1:
+        fail(f"--dropout must be in [0, 1), got {s['dropout']}")
+    if not 0 <= s["ema_decay"] < 1:
+        fail(f"--ema-decay must be in [0, 1), got {s['ema_decay']}")
+    if not (s["lr"] > 0 and math.isfinite(s["lr"])):
+        fail(f"--lr must be a positive number, got {s['lr']}")
+    if s["image_size"] % 2 ** (len(s["ch_mult"]) - 1):
+        fail(f"--image-size {s['image_size']} must be divisible by 2^(levels-1) = {2 ** (len(s['ch_mult']) - 1)}")
+    if s["sample_steps"] > s["T"]:
+        fail(f"--sample-steps must be at most T = {s['T']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
+    device = pick_device(args.device)
+
+    # --resume: the checkpoint's own settings rule, so the run ends exactly where it would have.
+    ckpt = None
+    if args.resume:
+        ckpt = load_artifact(args.out, "ddpm.py")
+        if "ema" not in ckpt or "settings" not in ckpt:
+            fail(f"{args.out} is not a ddpm.py checkpoint; delete it or run without --resume")
+        free = {"data_dir", "log_every", "save_every", "sample_steps"}   # these may change on resume
+        clash = {k: v for k, v in explicit.items() if k not in free and ckpt["settings"].get(k) != v}
+        if clash:
+            fail(f"--resume continues {args.out} with its own settings, but you asked for {clash}; "
+                 f"drop those flags, or start a new run without --resume")
+        s = {**ckpt["settings"], **{k: v for k, v in explicit.items() if k in free}}
+    check_settings(s)
+
+    x_train, _, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
+    info = data_info(s["dataset"], x_train, classes)
+    if ckpt is not None and ckpt["data"] != info:
+        fail(f"{args.out} was trained on {ckpt['data']}, but the data found now is {info}; "
+             f"point --data-dir at the original data or start a new run without --resume")
+    N = x_train.shape[0]
+    B = s["batch_size"]
+    if B > N:
+        fail(f"--batch-size {B} is larger than the {N} training images; pass a smaller --batch-size")
+    x_train = x_train.to(device)               # uint8 on the GPU: 150 MB for CIFAR-10, no loader needed
+
+    model = build_unet(s).to(device, memory_format=torch.channels_last)
+    ema = build_unet(s).to(device, memory_format=torch.channels_last).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    ema.eval()                                  # the EMA copy only samples: dropout off
+    opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
+    abar = make_schedule(s["T"], s["beta_1"], s["beta_T"]).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"UNet: {n_params / 1e6:.2f} M parameters (ch {s['ch']}, ch_mult {tuple(s['ch_mult'])}); "
+          f"{N} training images of {info['dataset']}; device {device}", flush=True)
+
+    # FLOPs of one training step (forward + backward), counted once on a single image, for MFU.
+    def one_image_step():
+        x1 = torch.zeros(1, 3, s["image_size"], s["image_size"], device=device)
+        model(x1, torch.zeros(1, dtype=torch.long, device=device)).sum().backward()
+    flops_per_image = count_flops(one_image_step)
+    model.zero_grad(set_to_none=True)
+
+    step = 0
+    torch.manual_seed(s["seed"])
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        print(f"resuming {args.out} at step {step}/{s['steps']}", flush=True)
+
+    train_model = torch.compile(model) if args.compile else model
+    use_bf16 = device.type == "cuda"            # bf16 autocast: ~2x the matmul/conv throughput of fp32
+
+    def save(final=False):
+        atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                         step=step, settings=s, data=info, classes=classes, finished=final,
+                         num_params=n_params, rng_cpu=torch.get_rng_state(),
+                         **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})),
+                    args.out)
+
+    steps_per_epoch = N // B                    # drop the last partial batch, like drop_last=True
+    progress = Progress(s["steps"], step, "step", B, flops_per_image * B, peak_flops(device))
+    loss_sum = torch.zeros((), device=device)   # summed on the GPU: no host sync inside the loop
+    last_log, epoch_of_perm = step, None
+    model.train()
+    try:
+        while step < s["steps"]:
+            # Each epoch's shuffle comes from its own seeded generator, so a resumed run sees the same
+            # order. It is moved to the GPU once per epoch: a copy per step would stall the GPU.
+            epoch, i = divmod(step, steps_per_epoch)
+            if epoch != epoch_of_perm:
+                g_epoch = torch.Generator().manual_seed(s["seed"] * 100_003 + epoch)
+                perm, epoch_of_perm = torch.randperm(N, generator=g_epoch).to(device), epoch
+            x0 = x_train[perm[i * B:(i + 1) * B]].float() / 127.5 - 1.0        # [0, 255] -> [-1, 1]
+            flip = torch.rand(B, 1, 1, 1, device=device) < 0.5                 # random horizontal flip
+            x0 = torch.where(flip, x0.flip(3), x0).contiguous(memory_format=torch.channels_last)
+
+            for g in opt.param_groups:                                          # linear warm-up
+                g["lr"] = s["lr"] * min(1.0, (step + 1) / max(s["warmup"], 1))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = ddpm_loss(train_model, x0, abar)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
+            opt.step()
+            # EMA of the weights; the decay ramps up from ~0.1 so short runs are not stuck near the init.
+            decay = min(s["ema_decay"], (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+            step += 1
+            loss_sum += loss.detach()
+
+            due_save = step % s["save_every"] == 0 and step < s["steps"]
+            if step % s["log_every"] == 0 or step == s["steps"] or due_save:
+                mean_loss = loss_sum.item() / (step - last_log)   # checked before anything is saved
+                if not math.isfinite(mean_loss):
+                    fail(f"the loss became {mean_loss} near step {step}; the last good checkpoint "
+                         f"{args.out} (if any) is kept: lower --lr and run with --resume, or start again")
+                progress.line(step, loss=mean_loss, lr=f"{opt.param_groups[0]['lr']:.1e}")
+                loss_sum.zero_()
+                last_log = step
+            if due_save:
+                save()
+    except KeyboardInterrupt:
+        save()
+        raise SystemExit(f"interrupted at step {step}; saved {args.out}: continue with "
+                         f"`python ddpm.py --resume --out {args.out}`")
+
+    # A picture of what the model learned: 64 DDIM samples from the EMA weights.
+    g = torch.Generator(device).manual_seed(s["seed"])
+    x_T = torch.randn(64, 3, s["image_size"], s["image_size"], device=device, generator=g)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        samples = ddim_sample(ema, x_T, abar, s["sample_steps"], s["eta"], g)
+    save_grid(to_uint8(samples), args.samples, nrow=8)
+    save(final=True)
+    print(f"wrote {args.out} (step {step}) and {args.samples}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
