@@ -1,0 +1,514 @@
+"""Stage 3 of CLSP: contrastive pre-training of a ResNet-18 with synthetic positives.
+
+SimCLR (Chen et al. 2020) pulls two augmented views of an image together and pushes them away from
+every other image in the batch. CLSP (Zeng et al., ECCV 2024) adds a third, *hard* positive: one of
+the K synthetic images that stage 2 (`generate.py`) made from the same training image, with the
+anchor's semantics but a different background, pose and colour. The loss is
+
+    L = L_simclr(z1, z2) + lam * mean_i || z1_i - z3_i ||^2          (z = normalize(head(backbone(x))))
+
+where z1, z2 are the embeddings of two augmented views of real image i, z3 that of an augmented
+synthetic candidate s_i = synthetic[i, k], k ~ Uniform{0..K-1} drawn afresh every time i is drawn.
+`--lam 0` is plain SimCLR, the baseline every CLSP number is compared with; it reads no synthetic data.
+
+    python clsp.py                                   # standard preset, after `python generate.py`
+    python clsp.py --lam 0                           # the SimCLR baseline (needs no ddpm/synthetic)
+    python clsp.py --preset quick                    # ~30 epochs, part of the ~10 min quick pipeline
+    python clsp.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
+    python clsp.py --resume                          # continue an interrupted run to its last epoch
+
+Reads:  runs/synthetic.pt (from generate.py; not when --lam 0) and the training images (the data set,
+        directory and image size default to the ones the synthetic set was made from).
+Writes: runs/clsp.pt (backbone + head weights, optimiser, epoch, settings, what it was made from),
+        saved atomically at the end of every epoch.
+
+Speed: the whole data set (real and synthetic, uint8) lives on the GPU and the augmentations are
+batched tensor code there, so no DataLoader sits on the hot path (the airbench recipe). Goal: one
+CIFAR-10 epoch (50,000 images x 3 views, batch 1024) in at most 3 s on one H100, i.e. the authors'
+1000 epochs in under an hour (theirs: ~6 h on 4 GPUs). GPU times are not yet measured; the tiny
+preset takes about 10 s on a 2-core CPU.
+"""
+
+import argparse
+import copy
+import math
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from ddpm import (Progress, atomic_save, count_flops, data_info, fail, load_artifact, load_dataset,
+                  peak_flops, pick_device, resolve_settings)
+
+# ------------------------------------------------------------------------------------------------
+# Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
+# ------------------------------------------------------------------------------------------------
+
+DEFAULTS = dict(  # the `standard` preset: the authors' recipe, 400 instead of 1000 epochs
+    dataset="cifar10", data_dir="data", image_size=32, seed=0,
+    lam=1.0, tau=0.2,                    # authors: lambda 1.0 (best of the poster's ablation), tau 0.2
+    epochs=400, batch_size=1024,         # authors: 1000 epochs at batch 1024 (the `paper` preset)
+    lr=0.5, momentum=0.9, weight_decay=1e-4, warmup_epochs=10,   # authors' SGD; lr is the one at batch 1024
+    knn_every=50, knn_k=200, knn_T=0.1,  # the quick kNN monitor uses evaluate.py's headline k and T
+    synthetic="runs/synthetic.pt",
+)
+PRESETS = {
+    # seconds on a CPU (64 images at 16x16 after the tiny ddpm/generate): shows the loop works, numbers
+    # mean nothing. The architecture is the real one: a toy head would test a different program.
+    "tiny": dict(image_size=16, epochs=2, batch_size=32, warmup_epochs=1, knn_every=1),
+    # Part of the ~10 minute quick pipeline (two runs: lam = 0 and lam = 1). At the 3 s/epoch goal, 30
+    # epochs are ~1.5 min a run; batch 512 gives twice the optimiser steps of 1024 in so short a run, and
+    # a 10% warm-up replaces the authors' 10 of 1000 epochs. Time not yet measured on a GPU.
+    "quick": dict(epochs=30, batch_size=512, warmup_epochs=3, knn_every=10),
+    "standard": dict(),
+    "paper": dict(epochs=1000, knn_every=100),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# The model: ResNet-18 with the CIFAR stem (512-d features h) and the projection head (z).
+# ------------------------------------------------------------------------------------------------
+
+def make_backbone():
+    """torchvision's ResNet-18 with the CIFAR stem -> 512-d features (11.2 M parameters).
+
+    ImageNet's 7x7 stride-2 stem plus max-pool would shrink a 32x32 image to 8x8 before the first
+    block; the CIFAR variant (He et al. 2016 sec. 4.2, SimCLR appendix B.9) keeps the full resolution.
+    evaluate.py imports this, so the weights in runs/clsp.pt load into exactly this module.
+    """
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision inits convs
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+def make_head():
+    """Projection head g: 512 -> 4096 -> 256, no BatchNorm (METHOD.md). The loss lives on z = g(h);
+    the features h before it are what transfers (SimCLR sec. 4.2), so the head is dropped after training."""
+    return nn.Sequential(nn.Linear(512, 4096), nn.ReLU(inplace=True), nn.Linear(4096, 256))
+
+
+# ------------------------------------------------------------------------------------------------
+# The losses. z1, z2, z3: [B, d], already L2-normalised.
+# ------------------------------------------------------------------------------------------------
+
+def nt_xent(z1, z2, tau):
+    """SimCLR's NT-Xent: each of the 2B embeddings has the other view of its image as its positive and
+    the other 2B - 2 as negatives; cross-entropy over cosine similarities / tau, mean over all 2B."""
+    B = z1.shape[0]
+    z = torch.cat([z1, z2])
+    logits = z @ z.T / tau
+    logits = logits.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))  # not itself
+    positive = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)  # row a's partner
+    return F.cross_entropy(logits, positive)
+
+
+def clsp_loss(z1, z3):
+    """The CLSP term: mean_i ||z1_i - z3_i||^2 (= mean_i 2 - 2 z1_i . z3_i on the unit sphere)."""
+    return (z1 - z3).pow(2).sum(dim=1).mean()
+
+
+def total_loss(z1, z2, z3, lam, tau):
+    """L = L_simclr + lam * L_clsp. z3 = None (lam = 0) is SimCLR. z3 is never a negative."""
+    l_simclr = nt_xent(z1, z2, tau)
+    l_clsp = clsp_loss(z1, z3) if z3 is not None else torch.zeros((), device=z1.device)
+    return l_simclr + lam * l_clsp, l_simclr, l_clsp
+
+
+def pick_candidates(synthetic, idx, generator=None):
+    """s_i = synthetic[i, k], k ~ Uniform{0..K-1} drawn afresh at every draw of image i (not one per epoch)."""
+    k = torch.randint(0, synthetic.shape[1], idx.shape, device=idx.device, generator=generator)
+    return synthetic[idx, k]
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation: SimCLR's CIFAR pipeline as batched tensor code, every image with its own random draws.
+#   RandomResizedCrop(scale (0.08, 1), ratio (3/4, 4/3)) + HorizontalFlip(0.5)
+#   -> ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, in a random order per image -> RandomGrayscale(0.2)
+#   -> Normalize(mean, std).
+# Parameters are drawn like torchvision draws them, so the statistics match (tests/test_clsp.py checks).
+# ------------------------------------------------------------------------------------------------
+
+def sample_augment_params(B, H, W, device, generator=None):
+    """One independent set of random parameters per image, as a dict of [B, ...] tensors."""
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, device=device, generator=generator)
+
+    # RandomResizedCrop.get_params: up to 10 tries of (area fraction, log-uniform aspect ratio); the
+    # first try whose box fits wins. Drawn for all 10 tries at once, then the first that fits is taken.
+    area = H * W * uniform(0.08, 1.0, B, 10)
+    ratio = torch.exp(uniform(math.log(3 / 4), math.log(4 / 3), B, 10))
+    w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()   # round half to even, like Python
+    fits = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
+    first = fits.int().argmax(dim=1, keepdim=True)                       # first try that fits
+    ok = fits.any(dim=1)
+    # No try fits (rare): torchvision falls back to a centre crop, which is the whole image when the
+    # image is square, as ours always are.
+    w = torch.where(ok, w.gather(1, first)[:, 0], float(W))
+    h = torch.where(ok, h.gather(1, first)[:, 0], float(H))
+    i = (torch.rand(B, device=device, generator=generator) * (H - h + 1)).floor()   # randint(0, H - h + 1)
+    j = (torch.rand(B, device=device, generator=generator) * (W - w + 1)).floor()
+    return dict(
+        box=torch.stack([i, j, h, w], dim=1),                                         # top, left, height, width
+        flip=torch.rand(B, device=device, generator=generator) < 0.5,
+        jitter=torch.rand(B, device=device, generator=generator) < 0.8,               # RandomApply(p=0.8)
+        factors=torch.stack([uniform(0.6, 1.4, B), uniform(0.6, 1.4, B),              # brightness, contrast,
+                             uniform(0.6, 1.4, B), uniform(-0.1, 0.1, B)], dim=1),    # saturation, hue
+        order=torch.rand(B, 4, device=device, generator=generator).argsort(dim=1),   # a random permutation each
+        gray=torch.rand(B, device=device, generator=generator) < 0.2,
+    )
+
+
+def grayscale(x):
+    """ITU-R 601 luma with torchvision's weights: [B, 3, H, W] -> [B, 1, H, W]."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def shift_hue(x, shift):
+    """RGB -> HSV, h <- (h + shift) mod 1, -> RGB (torchvision's adjust_hue), per image shift [B]."""
+    r, g, b = x.unbind(dim=1)
+    v, c = x.amax(dim=1), x.amax(dim=1) - x.amin(dim=1)              # value and chroma
+    cd = torch.where(c > 0, c, torch.ones_like(c))                   # grey pixels (c = 0) have hue 0
+    h = torch.where(v == r, (g - b) / cd, torch.where(v == g, 2 + (b - r) / cd, 4 + (r - g) / cd))
+    h = (h / 6 + shift.view(-1, 1, 1)) % 1.0
+    # HSV -> RGB in closed form: channel n (5, 3, 1 for r, g, b) is v - c * clamp(min(k, 4 - k), 0, 1)
+    # with k = (n + 6h) mod 6; the same as the six-sector table, in four lines.
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = (n + 6 * h[:, None]) % 6
+    return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def apply_augment(x, p, size, mean, std):
+    """Apply the parameters p to uint8 images x [B, 3, H, W] -> normalised float [B, 3, size, size]."""
+    B, _, H, W = x.shape
+    x = x.float() / 255
+    # Crop + resize + flip as one affine map sampled bilinearly. With align_corners=False, the box
+    # [left, left + w) in pixels is [2 left / W - 1, 2 (left + w) / W - 1] in grid units; a negative
+    # x-scale mirrors the crop about its own centre, which is the horizontal flip.
+    i, j, h, w = p["box"].unbind(dim=1)
+    sx = torch.where(p["flip"], -w / W, w / W)
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, (2 * j + w) / W - 1], 1),
+                         torch.stack([zero, h / H, (2 * i + h) / H - 1], 1)], 1)
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+    # torchvision resizes the cropped image alone, so an edge pixel of the output sees only the
+    # crop's own edge pixel: clamp the sampling points to the centres of the crop's outer pixels.
+    lo = torch.stack([(2 * j + 1) / W - 1, (2 * i + 1) / H - 1], 1).view(B, 1, 1, 2)
+    hi = torch.stack([(2 * (j + w) - 1) / W - 1, (2 * (i + h) - 1) / H - 1], 1).view(B, 1, 1, 2)
+    grid = torch.minimum(torch.maximum(grid, lo), hi)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    # Colour jitter in each image's own random order: in round r, image b applies op order[b, r]
+    # (0 brightness, 1 contrast, 2 saturation, 3 hue; -1 = this image skips jitter). Brightness,
+    # contrast and saturation are all blends x <- f x + (1 - f) target (target: black, the mean grey
+    # level, the grey image), clamped to [0, 1] as torchvision does; so one blend per round does all
+    # three with per-image f and target, and f = 1 is "not this round". Hue needs HSV and is computed
+    # for every image each round, kept only where it is that image's turn (torch.where: no host sync).
+    f_all = p["factors"]
+    for r in range(4):
+        op = torch.where(p["jitter"], p["order"][:, r], -1)
+        gray = grayscale(x)
+        target = torch.where((op == 1).view(B, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True),
+                             torch.where((op == 2).view(B, 1, 1, 1), gray, 0.0))
+        f = torch.where((op >= 0) & (op <= 2), f_all.gather(1, op.clamp(0, 2)[:, None])[:, 0], 1.0)
+        f = f.view(B, 1, 1, 1)
+        x = (f * x + (1 - f) * target).clamp(0, 1)
+        x = torch.where((op == 3).view(B, 1, 1, 1), shift_hue(x, f_all[:, 3]), x)
+
+    x = torch.where(p["gray"].view(B, 1, 1, 1), grayscale(x).expand(B, 3, size, size), x)  # RandomGrayscale
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(x, size, mean, std, generator=None):
+    """SimCLR's augmentation of uint8 images x [B, 3, H, W], independent random parameters per image."""
+    return apply_augment(x, sample_augment_params(x.shape[0], x.shape[2], x.shape[3], x.device, generator),
+                         size, mean, std)
+
+
+def channel_stats(x):
+    """Per-channel mean and std of uint8 images in [0, 1] units: the data set's Normalize constants."""
+    xs = [x[:, c].float() / 255 for c in range(3)]   # one channel at a time: a third of the memory
+    return [float(xc.mean()) for xc in xs], [float(xc.std()) for xc in xs]
+
+
+# ------------------------------------------------------------------------------------------------
+# A quick kNN monitor (evaluate.py does the real evaluation): cosine similarity of L2-normalised
+# backbone features; the k nearest training images vote for their class with weight exp(sim / T).
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1, chunk=1024):
+    was_training = backbone.training
+    backbone.eval()
+    mean_t = torch.as_tensor(mean, device=x_train.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, device=x_train.device).view(1, 3, 1, 1)
+
+    def features(x):
+        out = []
+        for a in range(0, x.shape[0], chunk):
+            xb = ((x[a:a + chunk].float() / 255 - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                out.append(F.normalize(backbone(xb).float(), dim=1))
+        return torch.cat(out)
+
+    f_train, f_test = features(x_train), features(x_test)
+    C = int(y_train.max()) + 1
+    correct = torch.zeros((), device=x_train.device)
+    for a in range(0, f_test.shape[0], chunk):
+        sim, nn_idx = (f_test[a:a + chunk] @ f_train.T).topk(min(k, f_train.shape[0]), dim=1)
+        votes = torch.zeros(sim.shape[0], C, device=sim.device).scatter_add_(1, y_train[nn_idx], (sim / T).exp())
+        correct += (votes.argmax(dim=1) == y_test[a:a + chunk]).sum()
+    backbone.train(was_training)
+    return float(correct) / f_test.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training.
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR + synthetic positives on a ResNet-18.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper")
+    p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the synthetic set's; lam 0: cifar10)")
+    p.add_argument("--data-dir", help="where the data set is (default: the synthetic set's; lam 0: data)")
+    p.add_argument("--image-size", type=int, help="image size (default: the synthetic set's; lam 0: 32)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, help="random seed (standard: 0)")
+    p.add_argument("--lam", type=float, help="weight lambda of the CLSP term; 0 = plain SimCLR (standard: 1.0)")
+    p.add_argument("--tau", type=float, help="NT-Xent temperature (standard: 0.2)")
+    p.add_argument("--epochs", type=int, help="training epochs (standard: 400; authors: 1000)")
+    p.add_argument("--batch-size", type=int, help="real images per step; 3 views each (standard: 1024)")
+    p.add_argument("--lr", type=float, help="SGD learning rate AT BATCH 1024; the run uses lr * batch / 1024 "
+                                            "(linear scaling, Goyal et al. 2017) (standard: 0.5)")
+    p.add_argument("--weight-decay", type=float, help="on all parameters (standard: 1e-4)")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up, then cosine to 0 (standard: 10)")
+    p.add_argument("--synthetic", help="stage 2's candidate set (standard: runs/synthetic.pt)")
+    p.add_argument("--knn-every", type=int, help="print a quick kNN top-1 on the test split every N epochs; 0: never")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (faster on a GPU after compiling)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
+    p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write")
+    # For tests of --resume: behave exactly as if Ctrl-C were pressed right after epoch N is saved.
+    p.add_argument("--stop-after-epoch", type=int, help="act as if interrupted after epoch N (to try --resume)")
+    return p.parse_args(argv)
+
+
+def check_settings(s):
+    for k in ["image_size", "epochs", "batch_size"]:
+        if s[k] < 1:
+            fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
+    if s["batch_size"] < 2:
+        fail("--batch-size must be at least 2: NT-Xent needs other images in the batch as negatives")
+    if not 0 <= s["warmup_epochs"] <= s["epochs"]:
+        fail(f"--warmup-epochs must be between 0 and --epochs ({s['epochs']}), got {s['warmup_epochs']}")
+    if s["knn_every"] < 0:
+        fail(f"--knn-every must be 0 (never) or a positive number of epochs, got {s['knn_every']}")
+    for k in ["lr", "tau"]:
+        if not (s[k] > 0 and math.isfinite(s[k])):
+            fail(f"--{k} must be a positive number, got {s[k]}")
+    for k in ["lam", "weight_decay"]:
+        if not (s[k] >= 0 and math.isfinite(s[k])):
+            fail(f"--{k.replace('_', '-')} must be zero or a positive number, got {s[k]}")
+
+
+def made_from(syn, path):
+    """What runs/clsp.pt records of its synthetic set (the data directory may move, so it is left out)."""
+    return dict(path=path, settings={k: v for k, v in syn["settings"].items() if k != "data_dir"},
+                ddpm_step=syn["ddpm"]["step"])
+
+
+def lr_at(step, s, steps_per_epoch):
+    """Per step: linear warm-up to lr * B / 1024, then cosine to 0 at the last step."""
+    peak = s["lr"] * s["batch_size"] / 1024
+    warm, total = s["warmup_epochs"] * steps_per_epoch, s["epochs"] * steps_per_epoch
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
+    device = pick_device(args.device)
+
+    # --resume: the checkpoint's own settings rule, so the run ends exactly where it would have.
+    ckpt = None
+    if args.resume:
+        ckpt = load_artifact(args.out, "clsp.py")
+        if "backbone" not in ckpt or "settings" not in ckpt:
+            fail(f"{args.out} is not a clsp.py checkpoint; delete it or run without --resume")
+        free = {"data_dir", "knn_every", "synthetic"}              # these may change on resume
+        clash = {k: v for k, v in explicit.items() if k not in free and ckpt["settings"].get(k) != v}
+        if clash:
+            fail(f"--resume continues {args.out} with its own settings, but you asked for {clash}; "
+                 f"drop those flags, or start a new run without --resume")
+        if ckpt["finished"]:
+            print(f"{args.out} already finished all {ckpt['epoch']} epochs; nothing to do", flush=True)
+            return
+        s = {**ckpt["settings"], **{k: v for k, v in explicit.items() if k in free}}
+    check_settings(s)
+    lam = s["lam"]
+
+    # The synthetic candidates (stage 2), only when the CLSP term is on. The data set, its directory
+    # and image size default to the ones they were made from, so `python clsp.py` just works.
+    syn = None
+    if lam > 0:
+        path = s["synthetic"]
+        syn = load_artifact(path, "generate.py")
+        if "images" not in syn or "data" not in syn:
+            fail(f"{path} is not a generate.py artifact; run `python generate.py` or point --synthetic at one")
+        if ckpt is None:
+            made = dict(dataset=syn["data"]["dataset"], image_size=syn["data"]["image_size"],
+                        data_dir=syn["settings"].get("data_dir") or syn["ddpm"]["settings"]["data_dir"])
+            s.update({k: v for k, v in made.items() if k not in explicit})
+        for k in ("dataset", "image_size"):
+            if syn["data"][k] != s[k]:
+                fail(f"{path} holds synthetic positives for {k.replace('_', ' ')} {syn['data'][k]}, but this run "
+                     f"asks for {s[k]}; run `python generate.py` for that data first, drop --{k.replace('_', '-')}, "
+                     f"or train the SimCLR baseline with --lam 0")
+        if ckpt is not None and ckpt["synthetic"] != made_from(syn, path):
+            fail(f"{args.out} was trained with another synthetic set than {path}; point --synthetic at the "
+                 f"one it used, or start a new run without --resume")
+
+    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
+    info = data_info(s["dataset"], x_train, classes)
+    if ckpt is not None and ckpt["data"] != info:
+        fail(f"{args.out} was trained on {ckpt['data']}, but the data found now is {info}; "
+             f"point --data-dir at the original data or start a new run without --resume")
+    N, B = x_train.shape[0], s["batch_size"]
+    if syn is not None:
+        if syn["data"] != info:
+            fail(f"{s['synthetic']} was made from {syn['data']}, but the training data found now is {info}; "
+                 f"point --data-dir at the data it was made from, or run `python generate.py` again")
+        if syn["images"].shape[0] != N:
+            fail(f"{s['synthetic']} has candidates for only {syn['images'].shape[0]} of the {N} training "
+                 f"images (made with --num-anchors?); CLSP needs them for every image: run "
+                 f"`python generate.py` without --num-anchors, or train the SimCLR baseline with --lam 0")
+    if B > N:
+        fail(f"--batch-size {B} is larger than the {N} training images; pass a smaller --batch-size")
+
+    # The whole data set on the device as uint8: CIFAR-10 is 150 MB, its K = 8 candidates 1.2 GB.
+    mean, std = channel_stats(x_train)                  # of the real training images, once
+    x_train = x_train.to(device)
+    synthetic = syn["images"].to(device) if syn is not None else None
+    if s["knn_every"]:
+        x_test, y_test, _ = load_dataset(s["dataset"], s["data_dir"], "test", s["image_size"])
+        x_test, y_test, y_train = x_test.to(device), y_test.to(device), y_train.to(device)
+    mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+
+    torch.manual_seed(s["seed"])
+    backbone, head = make_backbone(), make_head()
+    net = nn.Sequential(backbone, head).to(device, memory_format=torch.channels_last)
+    # SGD with weight decay on every parameter, BatchNorm and biases included (the authors' recipe).
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=s["momentum"], weight_decay=s["weight_decay"])
+    V = 3 if syn is not None else 2                      # views per real image: v1, v2 (+ s)
+    n_backbone = sum(p.numel() for p in backbone.parameters())
+    n_head = sum(p.numel() for p in head.parameters())
+    print(f"ResNet-18 {n_backbone / 1e6:.2f} M + head {n_head / 1e6:.2f} M parameters; {N} training images "
+          f"of {info['dataset']} at {info['image_size']}px; lam {lam}, tau {s['tau']}, {V} views per image"
+          + (f", K = {synthetic.shape[1]} candidates each" if syn is not None else " (SimCLR baseline)")
+          + f"; device {device}", flush=True)
+
+    # FLOPs of one training step (forward + backward), counted on a copy with 2 images per view and
+    # scaled to the batch, for MFU. A copy: the count would otherwise nudge BatchNorm's running stats.
+    def small_step(m=copy.deepcopy(net)):
+        m(torch.zeros(2 * V, 3, s["image_size"], s["image_size"], device=device)).sum().backward()
+    flops_per_step = count_flops(small_step) / (2 * V) * V * B
+
+    steps_per_epoch = N // B                            # drop_last: every step sees a full batch
+    total_steps = s["epochs"] * steps_per_epoch
+    step = 0
+    if ckpt is not None:
+        backbone.load_state_dict(ckpt["backbone"])
+        head.load_state_dict(ckpt["head"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        print(f"resuming {args.out} at epoch {ckpt['epoch']}/{s['epochs']} (step {step})", flush=True)
+
+    use_bf16 = device.type == "cuda"                    # bf16 autocast: ~2x the conv throughput of fp32
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN pick its fastest kernels
+    train_net = torch.compile(net) if args.compile else net
+
+    def save(final=False):
+        atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(),
+                         epoch=step // steps_per_epoch, step=step, settings=s, data=info, classes=classes,
+                         synthetic=None if syn is None else made_from(syn, s["synthetic"]),
+                         norm=dict(mean=mean, std=std), finished=final,
+                         num_params=dict(backbone=n_backbone, head=n_head), rng_cpu=torch.get_rng_state(),
+                         **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})),
+                    args.out)
+
+    progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
+                        flops_per_step * steps_per_epoch, peak_flops(device))
+    loss_sums = torch.zeros(2, device=device)          # L_simclr, L_clsp summed on the device: no host sync
+    n_summed, epoch_of_perm = 0, None
+    net.train()
+    try:
+        while step < total_steps:
+            # Each epoch's shuffle comes from its own seeded generator, so a resumed run sees the same order.
+            epoch, i = divmod(step, steps_per_epoch)
+            if epoch != epoch_of_perm:
+                g_epoch = torch.Generator().manual_seed(s["seed"] * 100_003 + epoch)
+                perm, epoch_of_perm = torch.randperm(N, generator=g_epoch).to(device), epoch
+            idx = perm[i * B:(i + 1) * B]
+            x = x_train[idx]
+            # [v1; v2; s]: the real batch twice and one fresh candidate per image, all augmented in one
+            # call with independent parameters per image, so v1 and v2 differ.
+            parts = [x, x] + ([pick_candidates(synthetic, idx)] if synthetic is not None else [])
+            views = augment(torch.cat(parts), s["image_size"], mean_t, std_t)
+            views = views.contiguous(memory_format=torch.channels_last)
+
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, s, steps_per_epoch)
+            # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and s together.
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                z = train_net(views)
+            z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
+            z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if V == 3 else None)
+            loss, l_simclr, l_clsp = total_loss(z1, z2, z3, lam, s["tau"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sums += torch.stack([l_simclr.detach(), l_clsp.detach()])
+            n_summed += 1
+
+            if step % steps_per_epoch == 0:            # end of an epoch: one host sync
+                done = step // steps_per_epoch
+                l_s, l_c = (loss_sums / n_summed).tolist()
+                if not (math.isfinite(l_s) and math.isfinite(l_c)):   # checked before anything is saved
+                    fail(f"the loss became {l_s + lam * l_c} in epoch {done}; the last good checkpoint "
+                         f"{args.out} (if any) is kept; start a new run with a lower --lr")
+                metrics = dict(L_simclr=l_s, **({"L_clsp": l_c} if V == 3 else {}))
+                metrics["lr"] = f"{lr_at(step - 1, s, steps_per_epoch):.2e}"
+                if s["knn_every"] and (done % s["knn_every"] == 0 or done == s["epochs"]):
+                    acc = knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, s["knn_k"], s["knn_T"])
+                    metrics["kNN"] = f"{100 * acc:.2f}%"
+                progress.line(done, **metrics)
+                save(final=(step == total_steps))
+                loss_sums.zero_()
+                n_summed = 0
+                if done == args.stop_after_epoch and step < total_steps:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if n_summed and not bool(torch.isfinite(loss_sums).all()):     # never save a diverged partial epoch
+            raise SystemExit(f"interrupted at step {step} after the loss became non-finite; {args.out} keeps "
+                             f"the last good epoch; start a new run with a lower --lr")
+        save()
+        raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
+                         f"saved {args.out}: continue with `python clsp.py --resume --out {args.out}`")
+    print(f"wrote {args.out} ({s['epochs']} epochs)", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
