@@ -245,6 +245,7 @@ def channel_stats(x):
 @torch.no_grad()
 def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1, chunk=1024):
     was_training = backbone.training
+    layout = torch.channels_last if x_train.device.type == "cuda" else torch.contiguous_format
     backbone.eval()
     mean_t = torch.as_tensor(mean, device=x_train.device).view(1, 3, 1, 1)
     std_t = torch.as_tensor(std, device=x_train.device).view(1, 3, 1, 1)
@@ -252,7 +253,7 @@ def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1
     def features(x):
         out = []
         for a in range(0, x.shape[0], chunk):
-            xb = ((x[a:a + chunk].float() / 255 - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+            xb = ((x[a:a + chunk].float() / 255 - mean_t) / std_t).contiguous(memory_format=layout)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
                 out.append(F.normalize(backbone(xb).float(), dim=1))
         return torch.cat(out)
@@ -404,7 +405,9 @@ def main(argv=None):
 
     torch.manual_seed(s["seed"])
     backbone, head = make_backbone(), make_head()
-    net = nn.Sequential(backbone, head).to(device, memory_format=torch.channels_last)
+    # channels_last (NHWC) is the layout tensor cores want on a GPU; on a CPU plain NCHW measured faster.
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    net = nn.Sequential(backbone, head).to(device, memory_format=layout)
     # SGD with weight decay on every parameter, BatchNorm and biases included (the authors' recipe).
     opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=s["momentum"], weight_decay=s["weight_decay"])
     V = 3 if syn is not None else 2                      # views per real image: v1, v2 (+ s)
@@ -415,11 +418,14 @@ def main(argv=None):
           + (f", K = {synthetic.shape[1]} candidates each" if syn is not None else " (SimCLR baseline)")
           + f"; device {device}", flush=True)
 
-    # FLOPs of one training step (forward + backward), counted on a copy with 2 images per view and
-    # scaled to the batch, for MFU. A copy: the count would otherwise nudge BatchNorm's running stats.
-    def small_step(m=copy.deepcopy(net)):
-        m(torch.zeros(2 * V, 3, s["image_size"], s["image_size"], device=device)).sum().backward()
-    flops_per_step = count_flops(small_step) / (2 * V) * V * B
+    # FLOPs of one training step (forward + backward) for MFU, only where there is a peak to compare
+    # with (a known GPU): counted on a copy with 2 images per view and scaled to the batch. A copy,
+    # because the count would otherwise nudge BatchNorm's running statistics.
+    peak, flops_per_step = peak_flops(device), None
+    if peak:
+        def small_step(m=copy.deepcopy(net)):
+            m(torch.zeros(2 * V, 3, s["image_size"], s["image_size"], device=device)).sum().backward()
+        flops_per_step = count_flops(small_step) / (2 * V) * V * B
 
     steps_per_epoch = N // B                            # drop_last: every step sees a full batch
     total_steps = s["epochs"] * steps_per_epoch
@@ -449,7 +455,7 @@ def main(argv=None):
                     args.out)
 
     progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
-                        flops_per_step * steps_per_epoch, peak_flops(device))
+                        flops_per_step and flops_per_step * steps_per_epoch, peak)
     loss_sums = torch.zeros(2, device=device)          # L_simclr, L_clsp summed on the device: no host sync
     n_summed, epoch_of_perm = 0, None
     net.train()
@@ -466,7 +472,7 @@ def main(argv=None):
             # call with independent parameters per image, so v1 and v2 differ.
             parts = [x, x] + ([pick_candidates(synthetic, idx)] if synthetic is not None else [])
             views = augment(torch.cat(parts), s["image_size"], mean_t, std_t)
-            views = views.contiguous(memory_format=torch.channels_last)
+            views = views.contiguous(memory_format=layout)
 
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, s, steps_per_epoch)
