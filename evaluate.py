@@ -103,13 +103,12 @@ def linear_probe(f_train, f_train_flip, y_train, f_test, y_test, num_classes, ep
     device = f_train.device
     N = f_train.shape[0]
     torch.manual_seed(seed)                                  # the Linear's initialisation
-    probe = nn.Linear(f_train.shape[1], num_classes).to(device)
-    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    probe = nn.Linear(f_train.shape[1], num_classes).to(device)   # PyTorch's default init, as the authors'
     drops = [round(f * epochs) for f in lr_drops]            # epochs 60 and 80 of 100
-    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=drops, gamma=0.1)
     g = torch.Generator(device).manual_seed(seed)            # flips and order drawn on the device
     progress = Progress(epochs, 0, "probe epoch", N)
     for epoch in range(1, epochs + 1):
+        lr_now = lr * 0.1 ** sum(epoch > d for d in drops)   # epochs 1-60: lr, 61-80: lr/10, 81-100: lr/100
         flip = torch.rand(N, 1, device=device, generator=g) < 0.5
         f_epoch = torch.where(flip, f_train_flip, f_train)  # this epoch's augmented training set
         perm = torch.randperm(N, device=device, generator=g)
@@ -119,15 +118,16 @@ def linear_probe(f_train, f_train_flip, y_train, f_test, y_test, num_classes, ep
             idx = perm[i:i + batch_size]
             logits = probe(f_epoch[idx])
             loss = F.cross_entropy(logits, y_train[idx])
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            with torch.no_grad():                            # plain SGD: no momentum, no weight decay, so
+                for p in probe.parameters():                 # torch.optim.SGD would do just this
+                    p -= lr_now * p.grad
+                    p.grad = None
             loss_sum += loss.detach() * idx.shape[0]
             correct += (logits.argmax(1) == y_train[idx]).sum()
-        schedule.step()
         if epoch % log_every == 0 or epoch == epochs:        # the only host syncs: once per log line
             progress.line(epoch, loss=loss_sum.item() / N, train_top1=f"{100 * correct.item() / N:.2f}%",
-                          lr=f"{opt.param_groups[0]['lr']:.0e}")
+                          lr=f"{lr_now:.0e}")
     last_loss = loss_sum.item() / N
     if not math.isfinite(last_loss):
         fail(f"the linear probe's loss became {last_loss}; try a smaller --probe-lr")
