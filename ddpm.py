@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -270,6 +271,23 @@ class Progress:
         left = (self.total - done) / rate if rate > 0 else float("inf")
         parts.append(f"{fmt_time(dt)} elapsed, {fmt_time(left) if math.isfinite(left) else '?'} left")
         print(" | ".join(parts), flush=True)
+
+
+class StopFlag:
+    """Ctrl-C (or SIGTERM) asks the loop to stop at the end of the current step instead of killing it
+    mid-update: a checkpoint written then is consistent, so --resume continues exactly. A second Ctrl-C
+    quits at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handler)
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping at the end of this step (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -562,6 +580,7 @@ def main(argv=None):
         fail(f"--batch-size {B} is larger than the {N} training images; pass a smaller --batch-size")
     x_train = x_train.to(device)               # uint8 on the GPU: 150 MB for CIFAR-10, no loader needed
 
+    torch.manual_seed(s["seed"])                # fixes the initial weights (a resumed run loads its own)
     model = build_unet(s).to(device, memory_format=torch.channels_last)
     ema = build_unet(s).to(device, memory_format=torch.channels_last).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -580,7 +599,6 @@ def main(argv=None):
     model.zero_grad(set_to_none=True)
 
     step = 0
-    torch.manual_seed(s["seed"])
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -605,49 +623,49 @@ def main(argv=None):
     progress = Progress(s["steps"], step, "step", B, flops_per_image * B, peak_flops(device))
     loss_sum = torch.zeros((), device=device)   # summed on the GPU: no host sync inside the loop
     last_log, epoch_of_perm = step, None
+    stop = StopFlag()
     model.train()
-    try:
-        while step < s["steps"]:
-            # Each epoch's shuffle comes from its own seeded generator, so a resumed run sees the same
-            # order. It is moved to the GPU once per epoch: a copy per step would stall the GPU.
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != epoch_of_perm:
-                g_epoch = torch.Generator().manual_seed(s["seed"] * 100_003 + epoch)
-                perm, epoch_of_perm = torch.randperm(N, generator=g_epoch).to(device), epoch
-            x0 = x_train[perm[i * B:(i + 1) * B]].float() / 127.5 - 1.0        # [0, 255] -> [-1, 1]
-            flip = torch.rand(B, 1, 1, 1, device=device) < 0.5                 # random horizontal flip
-            x0 = torch.where(flip, x0.flip(3), x0).contiguous(memory_format=torch.channels_last)
+    while step < s["steps"]:
+        # Each epoch's shuffle comes from its own seeded generator, so a resumed run sees the same
+        # order. It is moved to the GPU once per epoch: a copy per step would stall the GPU.
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != epoch_of_perm:
+            g_epoch = torch.Generator().manual_seed(s["seed"] * 100_003 + epoch)
+            perm, epoch_of_perm = torch.randperm(N, generator=g_epoch).to(device), epoch
+        x0 = x_train[perm[i * B:(i + 1) * B]].float() / 127.5 - 1.0        # [0, 255] -> [-1, 1]
+        flip = torch.rand(B, 1, 1, 1, device=device) < 0.5                 # random horizontal flip
+        x0 = torch.where(flip, x0.flip(3), x0).contiguous(memory_format=torch.channels_last)
 
-            for g in opt.param_groups:                                          # linear warm-up
-                g["lr"] = s["lr"] * min(1.0, (step + 1) / max(s["warmup"], 1))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = ddpm_loss(train_model, x0, abar)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
-            opt.step()
-            # EMA of the weights; the decay ramps up from ~0.1 so short runs are not stuck near the init.
-            decay = min(s["ema_decay"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-            step += 1
-            loss_sum += loss.detach()
+        for g in opt.param_groups:                                          # linear warm-up
+            g["lr"] = s["lr"] * min(1.0, (step + 1) / max(s["warmup"], 1))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = ddpm_loss(train_model, x0, abar)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
+        opt.step()
+        # EMA of the weights; the decay ramps up from ~0.1 so short runs are not stuck near the init.
+        decay = min(s["ema_decay"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        step += 1
+        loss_sum += loss.detach()
 
-            due_save = step % s["save_every"] == 0 and step < s["steps"]
-            if step % s["log_every"] == 0 or step == s["steps"] or due_save:
-                mean_loss = loss_sum.item() / (step - last_log)   # checked before anything is saved
-                if not math.isfinite(mean_loss):
-                    fail(f"the loss became {mean_loss} near step {step}; the last good checkpoint "
-                         f"{args.out} (if any) is kept: lower --lr and run with --resume, or start again")
-                progress.line(step, loss=mean_loss, lr=f"{opt.param_groups[0]['lr']:.1e}")
-                loss_sum.zero_()
-                last_log = step
-            if due_save:
-                save()
-    except KeyboardInterrupt:
-        save()
-        raise SystemExit(f"interrupted at step {step}; saved {args.out}: continue with "
-                         f"`python ddpm.py --resume --out {args.out}`")
+        # Ctrl-C also saves, here at a step boundary, where model, optimiser, EMA and RNG agree.
+        due_save = (step % s["save_every"] == 0 and step < s["steps"]) or stop.requested
+        if step % s["log_every"] == 0 or step == s["steps"] or due_save:
+            mean_loss = loss_sum.item() / (step - last_log)   # checked before anything is saved
+            if not math.isfinite(mean_loss):
+                fail(f"the loss became {mean_loss} near step {step}; the last good checkpoint "
+                     f"{args.out} (if any) is kept: lower --lr and run with --resume, or start again")
+            progress.line(step, loss=mean_loss, lr=f"{opt.param_groups[0]['lr']:.1e}")
+            loss_sum.zero_()
+            last_log = step
+        if due_save:
+            save()
+        if stop.requested:
+            raise SystemExit(f"interrupted at step {step}; saved {args.out}: continue with "
+                             f"`python ddpm.py --resume --out {args.out}`")
 
     # A picture of what the model learned: 64 DDIM samples from the EMA weights.
     g = torch.Generator(device).manual_seed(s["seed"])
