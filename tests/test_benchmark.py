@@ -1,0 +1,22 @@
+"""The benchmark (run by hand on a GPU) must at least run: here on the CPU at tiny sizes."""
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_benchmark_runs_on_cpu():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "benchmark.py"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout[proc.stdout.index("| stage"):]
+    for stage in ("1 DDPM train", "2 sampler step", "3 CLSP step", "4 features"):
+        assert stage in table
+    assert "DataLoader" in table                        # the plain stage-3 path with torchvision's transforms
+    # The fast path computes the same function as the plain one: on the CPU (no bf16) exactly the same loss.
+    for line in table.splitlines():
+        if "(plain " in line:
+            fast, plain = line.split("loss ")[1].split(" (plain ")
+            assert abs(float(fast) - float(plain.rstrip(") |"))) < 1e-4, line
