@@ -118,7 +118,7 @@ def make_candidates(unet, anchors, K, w, s, abar, b, device):
     if not torch.isfinite(x).all():
         fail("the sampler produced NaN or inf values: the DDPM checkpoint looks broken; retrain it with "
              "`python ddpm.py`")
-    return to_uint8(x).view(A, K, *x.shape[1:]).cpu()
+    return to_uint8(x).contiguous().view(A, K, *x.shape[1:]).cpu()   # contiguous: NCHW, not channels_last
 
 
 def mean_abs_diff(a, b):
@@ -139,12 +139,13 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, help="must be the DDPM's (default: the DDPM's)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, help="random seed of the samples (standard: 0)")
-    p.add_argument("--w", type=float, help="weight of the sample's own bottleneck, in [0, 1]; 1 = plain sampling (standard: 0.1)")
+    p.add_argument("--w", type=float,
+                   help="weight of the sample's own bottleneck, in [0, 1]; 1 = plain sampling (standard: 0.1)")
     p.add_argument("--steps", dest="S", type=int, help="DDIM steps S (standard: 100)")
     p.add_argument("--eta", type=float, help="DDIM noise, 0 = deterministic, in [0, 1] (standard: 0.1)")
     p.add_argument("--K", type=int, help="candidates per training image (standard: 8)")
     p.add_argument("--num-anchors", type=int, help="only the first N training images (standard: all)")
-    p.add_argument("--batch-size", type=int, help="images per sampler batch, a multiple of K is best (standard: 2048)")
+    p.add_argument("--batch-size", type=int, help="images per batch, best a multiple of K (standard: 2048)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet's encode and decode")
     p.add_argument("--ddpm", default="runs/ddpm.pt", help="the DDPM checkpoint made by ddpm.py")
     p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write")
@@ -221,10 +222,13 @@ def main(argv=None):
     if device.type == "cuda":
         unet = unet.to(memory_format=torch.channels_last)     # NHWC: the layout tensor cores want
     abar = make_schedule(ds["T"], ds["beta_1"], ds["beta_T"]).to(device)
-    with torch.no_grad():                       # FLOPs of one sampler step (2 encodes + 1 decode), for MFU
-        x1 = torch.zeros(1, 3, s["image_size"], s["image_size"], device=device)
-        flops_step = count_flops(lambda: interpolated_eps(unet, x1, x1, torch.zeros(1, dtype=torch.long,
-                                                                                        device=device), s["w"]))
+    # FLOPs of one sampler step on one image (2 encodes + 1 decode), for the MFU on a known GPU.
+    peak, flops_step = peak_flops(device), None
+    if peak:
+        with torch.no_grad():
+            x1 = torch.zeros(1, 3, s["image_size"], s["image_size"], device=device)
+            t1 = torch.zeros(1, dtype=torch.long, device=device)
+            flops_step = count_flops(lambda: interpolated_eps(unet, x1, x1, t1, s["w"]))
     if args.compile:                            # compiled separately: the sampler calls them separately
         unet.encode, unet.decode = torch.compile(unet.encode), torch.compile(unet.decode)
     print(f"{N} anchors x K = {K} candidates, S = {s['S']} DDIM steps, w = {s['w']}, eta = {s['eta']}; "
@@ -264,7 +268,7 @@ def main(argv=None):
     # The main loop: batch b makes the candidates of anchors b*A .. b*A+A-1, from its own random streams.
     # ------------------------------------------------------------------------------------------------
     done = sum(c.shape[0] for c in chunks.values())
-    progress = Progress(N, done, "anchor", K, K * s["S"] * flops_step, peak_flops(device))
+    progress = Progress(N, done, "anchor", K, flops_step and K * s["S"] * flops_step, peak)
     t0, made, last_print = time.perf_counter(), 0, 0.0
     try:
         for b in range(n_batches):
@@ -306,12 +310,12 @@ def main(argv=None):
         anchor_to_sample_by_w={str(w): mean_abs_diff(x, real) for w, x in zip(SWEEP_W, sweep)},
         seconds=seconds, images_per_second=made / seconds if made else None)
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
-    print(f"summary ({summary['metric']}, first {n} anchors):\n"
-          f"  anchor    <-> its candidates:              {fmt(summary['anchor_to_candidate'])}\n"
-          f"  candidate <-> candidate of the same anchor:  {fmt(summary['between_candidates'])}\n"
-          f"  anchor    <-> another training image:      {fmt(summary['anchor_to_other_image'])} (for scale)\n"
-          f"  anchor    <-> sample, by w ({len(idx)} anchors): "
-          + ", ".join(f"w={w} {v:.1f}" for w, v in summary["anchor_to_sample_by_w"].items()), flush=True)
+    print(f"summary: {summary['metric']}, over the first {n} anchors\n"
+          f"  anchor    <-> its candidates:             {fmt(summary['anchor_to_candidate'])}\n"
+          f"  candidate <-> candidate, same anchor:     {fmt(summary['between_candidates'])}\n"
+          f"  anchor    <-> another training image:     {fmt(summary['anchor_to_other_image'])}  (for scale)\n"
+          f"  anchor    <-> sample by w ({len(idx)} anchors):  "
+          + ", ".join(f"w={w}: {v:.1f}" for w, v in summary["anchor_to_sample_by_w"].items()), flush=True)
 
     atomic_save(dict(images=images, anchor_index=torch.arange(N), settings=s, data=info,
                      ddpm=dict(path=args.ddpm, step=ckpt["step"], settings=ds), summary=summary), args.out)
