@@ -26,7 +26,7 @@ Speed: the whole data set (real and synthetic, uint8) lives on the GPU and the a
 batched tensor code there, so no DataLoader sits on the hot path (the airbench recipe). Goal: one
 CIFAR-10 epoch (50,000 images x 3 views, batch 1024) in at most 3 s on one H100, i.e. the authors'
 1000 epochs in under an hour (theirs: ~6 h on 4 GPUs). GPU times are not yet measured. The tiny
-preset costs about 20 s of CPU time (64 images at 16x16, 2 epochs; ~40 s wall on a busy 2-core CPU).
+preset (64 images at 16x16, 2 epochs) takes ~14 s on a 2-core CPU, 8 s of it training.
 """
 
 import argparse
