@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from ddpm import (Progress, atomic_save, count_flops, data_info, fail, load_artifact, load_dataset,
+from ddpm import (Progress, StopFlag, atomic_save, count_flops, data_info, fail, load_artifact, load_dataset,
                   peak_flops, pick_device, resolve_settings)
 
 # ------------------------------------------------------------------------------------------------
@@ -458,61 +458,61 @@ def main(argv=None):
                         flops_per_step and flops_per_step * steps_per_epoch, peak)
     loss_sums = torch.zeros(2, device=device)          # L_simclr, L_clsp summed on the device: no host sync
     n_summed, epoch_of_perm = 0, None
+    stop = StopFlag()                                   # Ctrl-C: stop at the end of the step, then save
     net.train()
-    try:
-        while step < total_steps:
-            # Each epoch's shuffle comes from its own seeded generator, so a resumed run sees the same order.
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != epoch_of_perm:
-                g_epoch = torch.Generator().manual_seed(s["seed"] * 100_003 + epoch)
-                perm, epoch_of_perm = torch.randperm(N, generator=g_epoch).to(device), epoch
-            idx = perm[i * B:(i + 1) * B]
-            x = x_train[idx]
-            # [v1; v2; s]: the real batch twice and one fresh candidate per image, all augmented in one
-            # call with independent parameters per image, so v1 and v2 differ.
-            parts = [x, x] + ([pick_candidates(synthetic, idx)] if synthetic is not None else [])
-            views = augment(torch.cat(parts), s["image_size"], mean_t, std_t)
-            views = views.contiguous(memory_format=layout)
+    while step < total_steps:
+        # Each epoch's shuffle comes from its own seeded generator, so a resumed run sees the same order.
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != epoch_of_perm:
+            g_epoch = torch.Generator().manual_seed(s["seed"] * 100_003 + epoch)
+            perm, epoch_of_perm = torch.randperm(N, generator=g_epoch).to(device), epoch
+        idx = perm[i * B:(i + 1) * B]
+        x = x_train[idx]
+        # [v1; v2; s]: the real batch twice and one fresh candidate per image, all augmented in one
+        # call with independent parameters per image, so v1 and v2 differ.
+        parts = [x, x] + ([pick_candidates(synthetic, idx)] if synthetic is not None else [])
+        views = augment(torch.cat(parts), s["image_size"], mean_t, std_t)
+        views = views.contiguous(memory_format=layout)
 
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, s, steps_per_epoch)
-            # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and s together.
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                z = train_net(views)
-            z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
-            z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if V == 3 else None)
-            loss, l_simclr, l_clsp = total_loss(z1, z2, z3, lam, s["tau"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            loss_sums += torch.stack([l_simclr.detach(), l_clsp.detach()])
-            n_summed += 1
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, s, steps_per_epoch)
+        # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and s together.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            z = train_net(views)
+        z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
+        z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if V == 3 else None)
+        loss, l_simclr, l_clsp = total_loss(z1, z2, z3, lam, s["tau"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        loss_sums += torch.stack([l_simclr.detach(), l_clsp.detach()])
+        n_summed += 1
 
-            if step % steps_per_epoch == 0:            # end of an epoch: one host sync
-                done = step // steps_per_epoch
-                l_s, l_c = (loss_sums / n_summed).tolist()
-                if not (math.isfinite(l_s) and math.isfinite(l_c)):   # checked before anything is saved
-                    fail(f"the loss became {l_s + lam * l_c} in epoch {done}; the last good checkpoint "
-                         f"{args.out} (if any) is kept; start a new run with a lower --lr")
-                metrics = dict(L_simclr=l_s, **({"L_clsp": l_c} if V == 3 else {}))
-                metrics["lr"] = f"{lr_at(step - 1, s, steps_per_epoch):.2e}"
-                if s["knn_every"] and (done % s["knn_every"] == 0 or done == s["epochs"]):
-                    acc = knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, s["knn_k"], s["knn_T"])
-                    metrics["kNN"] = f"{100 * acc:.2f}%"
-                progress.line(done, **metrics)
-                save(final=(step == total_steps))
-                loss_sums.zero_()
-                n_summed = 0
-                if done == args.stop_after_epoch and step < total_steps:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if n_summed and not bool(torch.isfinite(loss_sums).all()):     # never save a diverged partial epoch
-            raise SystemExit(f"interrupted at step {step} after the loss became non-finite; {args.out} keeps "
-                             f"the last good epoch; start a new run with a lower --lr")
-        save()
-        raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
-                         f"saved {args.out}: continue with `python clsp.py --resume --out {args.out}`")
+        if step % steps_per_epoch == 0:            # end of an epoch: one host sync
+            done = step // steps_per_epoch
+            l_s, l_c = (loss_sums / n_summed).tolist()
+            if not (math.isfinite(l_s) and math.isfinite(l_c)):   # checked before anything is saved
+                fail(f"the loss became {l_s + lam * l_c} in epoch {done}; the last good checkpoint "
+                     f"{args.out} (if any) is kept; start a new run with a lower --lr")
+            metrics = dict(L_simclr=l_s, **({"L_clsp": l_c} if V == 3 else {}))
+            metrics["lr"] = f"{lr_at(step - 1, s, steps_per_epoch):.2e}"
+            if s["knn_every"] and (done % s["knn_every"] == 0 or done == s["epochs"]):
+                acc = knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, s["knn_k"], s["knn_T"])
+                metrics["kNN"] = f"{100 * acc:.2f}%"
+            progress.line(done, **metrics)
+            save(final=(step == total_steps))
+            loss_sums.zero_()
+            n_summed = 0
+            if done == args.stop_after_epoch and step < total_steps:
+                stop.requested = True              # as if Ctrl-C were pressed now (to try --resume)
+        if stop.requested:                         # at a step boundary: weights, momentum and RNG agree
+            if n_summed and not bool(torch.isfinite(loss_sums).all()):   # never save a diverged partial epoch
+                fail(f"interrupted at step {step} after the loss became non-finite; {args.out} keeps "
+                     f"the last good epoch; start a new run with a lower --lr")
+            save()
+            raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
+                             f"saved {args.out}: continue with `python clsp.py --resume --out {args.out}`")
     print(f"wrote {args.out} ({s['epochs']} epochs)", flush=True)
 
 

@@ -657,7 +657,7 @@ def main(argv=None):
             mean_loss = loss_sum.item() / (step - last_log)   # checked before anything is saved
             if not math.isfinite(mean_loss):
                 fail(f"the loss became {mean_loss} near step {step}; the last good checkpoint "
-                     f"{args.out} (if any) is kept: lower --lr and run with --resume, or start again")
+                     f"{args.out} (if any) is kept; start a new run with a lower --lr")
             progress.line(step, loss=mean_loss, lr=f"{opt.param_groups[0]['lr']:.1e}")
             loss_sum.zero_()
             last_log = step
