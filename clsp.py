@@ -353,6 +353,9 @@ def main(argv=None):
             print(f"{args.out} already finished all {ckpt['epoch']} epochs; nothing to do", flush=True)
             return
         s = {**ckpt["settings"], **{k: v for k, v in explicit.items() if k in free}}
+    if "warmup_epochs" not in explicit and ckpt is None:
+        # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
+        s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
     check_settings(s)
     lam = s["lam"]
 
