@@ -274,9 +274,8 @@ def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR + synthetic positives on a ResNet-18.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper")
+    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR + synthetic positives on a ResNet-18.")
+    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper (default: %(default)s)")
     p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the synthetic set's; lam 0: cifar10)")
     p.add_argument("--data-dir", help="where the data set is (default: the synthetic set's; lam 0: data)")
     p.add_argument("--image-size", type=int, help="image size (default: the synthetic set's; lam 0: 32)")
@@ -294,7 +293,7 @@ def parse_args(argv=None):
     p.add_argument("--knn-every", type=int, help="print a quick kNN top-1 on the test split every N epochs; 0: never")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (faster on a GPU after compiling)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
-    p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write")
+    p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write (default: %(default)s)")
     # For tests of --resume: behave exactly as if Ctrl-C were pressed right after epoch N is saved.
     p.add_argument("--stop-after-epoch", type=int, help="act as if interrupted after epoch N (to try --resume)")
     return p.parse_args(argv)

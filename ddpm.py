@@ -502,9 +502,8 @@ def to_uint8(x):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 1 of CLSP: train a small UNet DDPM.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper")
+    p = argparse.ArgumentParser(description="Stage 1 of CLSP: train a small UNet DDPM.")
+    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper (default: %(default)s)")
     p.add_argument("--dataset", help="cifar10 | cifar100 | folder (standard: cifar10)")
     p.add_argument("--data-dir", help="where the data set is, or is downloaded to (standard: data)")
     p.add_argument("--image-size", type=int, help="images are resized to this (standard: 32)")
@@ -525,8 +524,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster on a GPU after ~1 min of compiling)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final step")
-    p.add_argument("--out", default="runs/ddpm.pt", help="the checkpoint / artifact to write")
-    p.add_argument("--samples", default="runs/ddpm_samples.png", help="the sample grid to write")
+    p.add_argument("--out", default="runs/ddpm.pt", help="the checkpoint / artifact to write (default: %(default)s)")
+    p.add_argument("--samples", default="runs/ddpm_samples.png", help="the sample grid to write (default: %(default)s)")
     return p.parse_args(argv)
 
 

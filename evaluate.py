@@ -142,9 +142,8 @@ def linear_probe(f_train, f_train_flip, y_train, f_test, y_test, num_classes, ep
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 4 of CLSP: kNN and linear-probe accuracy of the backbone.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper")
+    p = argparse.ArgumentParser(description="Stage 4 of CLSP: kNN and linear-probe accuracy of the backbone.")
+    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper (default: %(default)s)")
     p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the checkpoint's; another one = transfer)")
     p.add_argument("--data-dir", help="where the data set is (default: the checkpoint's)")
     p.add_argument("--image-size", type=int, help="images are resized to this (default: the checkpoint's)")
@@ -158,10 +157,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="images per backbone pass for features (default: 1024)")
     p.add_argument("--diag-anchors", type=int, help="anchors whose candidates are measured; 0 = none (default: 2000)")
     p.add_argument("--log-every", type=int, help="probe epochs between progress lines (default: 10)")
-    p.add_argument("--checkpoint", default="runs/clsp.pt", help="the backbone to evaluate (made by clsp.py)")
+    p.add_argument("--checkpoint", default="runs/clsp.pt", help="the backbone to evaluate (made by clsp.py) (default: %(default)s)")
     p.add_argument("--synthetic", default="runs/synthetic.pt",
-                   help="candidates for the diagnostics (made by generate.py); 'none' to skip")
-    p.add_argument("--out", default="runs/eval.json", help="where to write every number")
+                   help="candidates for the diagnostics (made by generate.py); 'none' to skip (default: %(default)s)")
+    p.add_argument("--out", default="runs/eval.json", help="where to write every number (default: %(default)s)")
     return p.parse_args(argv)
 
 

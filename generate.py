@@ -133,9 +133,8 @@ def mean_abs_diff(a, b):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 2 of CLSP: synthetic positives by interpolated DDIM sampling.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper")
+    p = argparse.ArgumentParser(description="Stage 2 of CLSP: synthetic positives by interpolated DDIM sampling.")
+    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper (default: %(default)s)")
     p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the DDPM's)")
     p.add_argument("--data-dir", help="where the training images are (default: where the DDPM found them)")
     p.add_argument("--image-size", type=int, help="must be the DDPM's (default: the DDPM's)")
@@ -149,10 +148,10 @@ def parse_args(argv=None):
     p.add_argument("--num-anchors", type=int, help="only the first N training images (standard: all)")
     p.add_argument("--batch-size", type=int, help="images per batch, best a multiple of K (standard: 2048)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet's encode and decode")
-    p.add_argument("--ddpm", default="runs/ddpm.pt", help="the DDPM checkpoint made by ddpm.py")
-    p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write")
-    p.add_argument("--preview", default="runs/synthetic_preview.png", help="anchors and their candidates")
-    p.add_argument("--sweep", default="runs/synthetic_w_sweep.png", help="the same anchors across w")
+    p.add_argument("--ddpm", default="runs/ddpm.pt", help="the DDPM checkpoint made by ddpm.py (default: %(default)s)")
+    p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write (default: %(default)s)")
+    p.add_argument("--preview", default="runs/synthetic_preview.png", help="anchors and their candidates (default: %(default)s)")
+    p.add_argument("--sweep", default="runs/synthetic_w_sweep.png", help="the same anchors across w (default: %(default)s)")
     return p.parse_args(argv)
 
 
