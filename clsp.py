@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import torchvision
 
 from ddpm import (Progress, StopFlag, atomic_save, count_flops, data_info, fail, load_artifact, load_dataset,
-                  peak_flops, pick_device, resolve_settings)
+                  load_for_resume, peak_flops, pick_device, resolve_settings)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -340,18 +340,11 @@ def main(argv=None):
     # --resume: the checkpoint's own settings rule, so the run ends exactly where it would have.
     ckpt = None
     if args.resume:
-        ckpt = load_artifact(args.out, "clsp.py")
-        if "backbone" not in ckpt or "settings" not in ckpt:
-            fail(f"{args.out} is not a clsp.py checkpoint; delete it or run without --resume")
-        free = {"data_dir", "knn_every", "synthetic"}              # these may change on resume
-        clash = {k: v for k, v in explicit.items() if k not in free and ckpt["settings"].get(k) != v}
-        if clash:
-            fail(f"--resume continues {args.out} with its own settings, but you asked for {clash}; "
-                 f"drop those flags, or start a new run without --resume")
+        ckpt, s = load_for_resume(args.out, "clsp.py", "backbone", explicit,
+                                  free={"data_dir", "knn_every", "synthetic"})
         if ckpt["finished"]:
             print(f"{args.out} already finished all {ckpt['epoch']} epochs; nothing to do", flush=True)
             return
-        s = {**ckpt["settings"], **{k: v for k, v in explicit.items() if k in free}}
     if "warmup_epochs" not in explicit and ckpt is None:
         # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
         s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))

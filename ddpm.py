@@ -202,6 +202,19 @@ def load_artifact(path, made_by):
              f"another program: delete it and run `python {made_by}` again")
 
 
+def load_for_resume(path, made_by, must_have, explicit, free):
+    """--resume: the checkpoint and its own settings, so the run ends exactly where it would have.
+    Only the settings in `free` (paths, logging) may be changed by a flag; any other is refused."""
+    ckpt = load_artifact(path, made_by)
+    if not isinstance(ckpt, dict) or must_have not in ckpt or "settings" not in ckpt:
+        fail(f"{path} is not a {made_by} checkpoint; delete it or run without --resume")
+    clash = {k: v for k, v in explicit.items() if k not in free and ckpt["settings"].get(k) != v}
+    if clash:
+        fail(f"--resume continues {path} with its own settings, but you asked for {clash}; "
+             f"drop those flags, or start a new run without --resume")
+    return ckpt, {**ckpt["settings"], **{k: v for k, v in explicit.items() if k in free}}
+
+
 def save_grid(images, path, nrow):
     """uint8 [N, 3, H, W] -> one PNG grid (2-pixel white border), written atomically."""
     from PIL import Image
@@ -557,15 +570,8 @@ def main(argv=None):
     # --resume: the checkpoint's own settings rule, so the run ends exactly where it would have.
     ckpt = None
     if args.resume:
-        ckpt = load_artifact(args.out, "ddpm.py")
-        if "ema" not in ckpt or "settings" not in ckpt:
-            fail(f"{args.out} is not a ddpm.py checkpoint; delete it or run without --resume")
-        free = {"data_dir", "log_every", "save_every", "sample_steps"}   # these may change on resume
-        clash = {k: v for k, v in explicit.items() if k not in free and ckpt["settings"].get(k) != v}
-        if clash:
-            fail(f"--resume continues {args.out} with its own settings, but you asked for {clash}; "
-                 f"drop those flags, or start a new run without --resume")
-        s = {**ckpt["settings"], **{k: v for k, v in explicit.items() if k in free}}
+        ckpt, s = load_for_resume(args.out, "ddpm.py", "ema", explicit,
+                                  free={"data_dir", "log_every", "save_every", "sample_steps"})
     check_settings(s)
 
     x_train, _, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
