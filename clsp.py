@@ -12,7 +12,7 @@ synthetic candidate s_i = synthetic[i, k], k ~ Uniform{0..K-1} drawn afresh ever
 `--lam 0` is plain SimCLR, the baseline every CLSP number is compared with; it reads no synthetic data.
 
     python clsp.py                                   # standard preset, after `python generate.py`
-    python clsp.py --lam 0                           # the SimCLR baseline (needs no ddpm/synthetic)
+    python clsp.py --lam 0 --out runs/clsp_lam0.pt   # the SimCLR baseline (needs no ddpm/synthetic)
     python clsp.py --preset quick                    # ~30 epochs, part of the ~10 min quick pipeline
     python clsp.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
     python clsp.py --resume                          # continue an interrupted run to its last epoch
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import torchvision
 
 from ddpm import (Progress, StopFlag, atomic_save, count_flops, data_info, fail, load_artifact, load_dataset,
-                  load_for_resume, peak_flops, pick_device, resolve_settings)
+                  load_for_resume, peak_flops, pick_device, refuse_to_overwrite, resolve_settings)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -388,6 +388,8 @@ def main(argv=None):
                  f"`python generate.py` without --num-anchors, or train the SimCLR baseline with --lam 0")
     if B > N:
         fail(f"--batch-size {B} is larger than the {N} training images; pass a smaller --batch-size")
+    if ckpt is None:
+        refuse_to_overwrite(args.out, "continue it with `python clsp.py --resume`")
 
     # The whole data set on the device as uint8: CIFAR-10 is 150 MB, its K = 8 candidates 1.2 GB.
     mean, std = channel_stats(x_train)                  # of the real training images, once
@@ -505,9 +507,10 @@ def main(argv=None):
             if n_summed and not bool(torch.isfinite(loss_sums).all()):   # never save a diverged partial epoch
                 fail(f"interrupted at step {step} after the loss became non-finite; {args.out} keeps "
                      f"the last good epoch; start a new run with a lower --lr")
-            save()
+            save(final=(step == total_steps))      # a stop during the very last step still finishes
             raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
                              f"saved {args.out}: continue with `python clsp.py --resume --out {args.out}`")
+    stop.release()
     print(f"wrote {args.out} ({s['epochs']} epochs)", flush=True)
 
 

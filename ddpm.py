@@ -202,6 +202,12 @@ def load_artifact(path, made_by):
              f"another program: delete it and run `python {made_by}` again")
 
 
+def refuse_to_overwrite(path, how_to_continue):
+    """A new run never replaces an existing artifact (hours of work): it says what to do instead."""
+    if os.path.exists(path):
+        fail(f"{path} already exists; {how_to_continue}, write elsewhere with --out, or delete it to start over")
+
+
 def load_for_resume(path, made_by, must_have, explicit, free):
     """--resume: the checkpoint and its own settings, so the run ends exactly where it would have.
     Only the settings in `free` (paths, logging) may be changed by a flag; any other is refused."""
@@ -295,6 +301,11 @@ class StopFlag:
         self.requested = False
         signal.signal(signal.SIGINT, self._handler)
         signal.signal(signal.SIGTERM, self._handler)
+
+    def release(self):
+        """After the loop: Ctrl-C interrupts at once again."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _handler(self, signum, frame):
         if self.requested:
@@ -477,8 +488,9 @@ def build_unet(s):
 # ------------------------------------------------------------------------------------------------
 
 def ddim_timesteps(S, T=1000):
-    """S evenly spaced steps, from T-1 down: 999, 989, ..., 9 for S = 100 (then -1 means 'done')."""
-    return [T - 1 - i * (T // S) for i in range(S)]
+    """S evenly spaced steps, from T-1 down: 999, 989, ..., 9 for S = 100 (then -1 means 'done').
+    (i * T) // S rather than i * (T // S), so an S that does not divide T still spans the whole range."""
+    return [T - 1 - (i * T) // S for i in range(S)]
 
 
 def ddim_step(x, eps, t, t_next, abar, eta, noise):
@@ -583,6 +595,8 @@ def main(argv=None):
     B = s["batch_size"]
     if B > N:
         fail(f"--batch-size {B} is larger than the {N} training images; pass a smaller --batch-size")
+    if ckpt is None:
+        refuse_to_overwrite(args.out, "continue it with `python ddpm.py --resume`")
     x_train = x_train.to(device)               # uint8 on the GPU: 150 MB for CIFAR-10, no loader needed
 
     torch.manual_seed(s["seed"])                # fixes the initial weights (a resumed run loads its own)
@@ -649,7 +663,9 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
         opt.step()
-        # EMA of the weights; the decay ramps up from ~0.1 so short runs are not stuck near the init.
+        # EMA of the weights. Our one addition to the recipe: the decay ramps up as (1+step)/(10+step)
+        # (TensorFlow's ExponentialMovingAverage with num_updates), so a short run's EMA is not stuck
+        # near the random init; it is 0.999 at step 9k and 0.99985 at the standard run's last step.
         decay = min(s["ema_decay"], (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
@@ -671,6 +687,8 @@ def main(argv=None):
         if stop.requested:
             raise SystemExit(f"interrupted at step {step}; saved {args.out}: continue with "
                              f"`python ddpm.py --resume --out {args.out}`")
+
+    stop.release()
 
     # A picture of what the model learned: 64 DDIM samples from the EMA weights.
     g = torch.Generator(device).manual_seed(s["seed"])

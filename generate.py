@@ -38,7 +38,7 @@ import time
 import torch
 
 from ddpm import (Progress, atomic_save, build_unet, count_flops, ddim_step, ddim_timesteps, data_info, fail,
-                  load_artifact, load_dataset, make_schedule, peak_flops, pick_device, q_sample,
+                  load_artifact, load_dataset, make_schedule, peak_flops, pick_device, q_sample, refuse_to_overwrite,
                   resolve_settings, save_grid, to_uint8)
 
 # ------------------------------------------------------------------------------------------------
@@ -238,6 +238,7 @@ def main(argv=None):
 
     # Resuming: finished batches live in <out>.parts/ next to a manifest of what made them. Only a run
     # with the same manifest may use them, so one candidate set never mixes two settings or two DDPMs.
+    refuse_to_overwrite(args.out, "it is ready for `python clsp.py`")
     parts = args.out + ".parts"
     fingerprint = float(sum(v.double().abs().sum() for v in ckpt["ema"].values() if v.is_floating_point()))
     manifest = dict(settings={k: v for k, v in s.items() if k not in ("data_dir", "preview_anchors")},

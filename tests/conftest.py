@@ -32,9 +32,11 @@ def make_image_folder(root, n_train=16, n_test=4, size=32, seed=0):
     return root
 
 
-def run(script, *args, cwd, check=True, timeout=600):
-    """Run `python <script> <args>` in cwd exactly as a user would, on the CPU. Returns CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+def run(script, *args, cwd, check=True, timeout=600, gpu=False):
+    """Run `python <script> <args>` in cwd exactly as a user would, on the CPU unless gpu=True."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -57,6 +59,7 @@ class Chain:
     """
 
     STAGES = ["ddpm.py", "generate.py", "clsp.py", "evaluate.py"]
+    MAKES = {"ddpm.py": "ddpm", "generate.py": "synthetic", "clsp.py": "clsp", "evaluate.py": "eval"}  # file prefixes
 
     def __init__(self, root, data):
         self.root, self.data, self.done = root, data, set()
@@ -69,8 +72,14 @@ class Chain:
         return self.root
 
     def copy_upto(self, stage, dest):
+        """A copy of runs/ holding the artifacts of the stages up to `stage` only (later ones may exist
+        in the shared chain when another test needed them first)."""
         self.upto(stage)
-        shutil.copytree(os.path.join(self.root, "runs"), os.path.join(dest, "runs"), dirs_exist_ok=True)
+        keep = tuple(self.MAKES[s] for s in self.STAGES[: self.STAGES.index(stage) + 1])
+        os.makedirs(os.path.join(dest, "runs"), exist_ok=True)
+        for f in os.listdir(os.path.join(self.root, "runs")):
+            if f.startswith(keep):
+                shutil.copy2(os.path.join(self.root, "runs", f), os.path.join(dest, "runs", f))
         return str(dest)
 
 

@@ -333,6 +333,32 @@ def test_a_synthetic_set_that_does_not_fit_is_refused(small, tmp_path, monkeypat
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(small, tmp_path, monkeypatch):
     root = copy_dir(small[0], tmp_path)
     before = files(root)
-    msg = main_in(root, monkeypatch, *SMALL, "--lr", "1e30")
+    # A real divergence: with lr 1e30 the very first epoch is non-finite, so nothing is saved.
+    msg = main_in(root, monkeypatch, *SMALL, "--lr", "1e30", "--out", "runs/diverged.pt")
     assert "loss became" in msg and "--lr" in msg
-    assert files(root) == before                     # the good checkpoint is untouched, no temp files left
+    assert files(root) == before                     # no checkpoint, no temp files left
+    # A loss that turns NaN in epoch 2 (of 2 steps each): epoch 1's checkpoint is kept as it was.
+    real_loss, calls = clsp.total_loss, []
+
+    def nan_from_step_3(*args, **kwargs):
+        calls.append(1)
+        out = real_loss(*args, **kwargs)
+        return tuple(o * float("nan") for o in out) if len(calls) > 2 else out
+    monkeypatch.setattr(clsp, "total_loss", nan_from_step_3)
+    msg = main_in(root, monkeypatch, *SMALL, "--epochs", "2", "--out", "runs/nan.pt")
+    assert "loss became" in msg
+    kept = torch.load(os.path.join(root, "runs", "nan.pt"), weights_only=True)
+    assert kept["epoch"] == 1 and not kept["finished"]
+    assert all(torch.isfinite(v).all() for v in kept["backbone"].values() if v.is_floating_point())
+    after = files(root)
+    del after["nan.pt"]
+    assert after == before
+
+
+def test_a_new_run_never_overwrites_a_checkpoint(small, tmp_path, monkeypatch):
+    root = copy_dir(small[0], tmp_path)
+    before = files(root)
+    msg = main_in(root, monkeypatch, *SMALL)
+    assert "already exists" in msg and "--resume" in msg
+    assert files(root) == before
+

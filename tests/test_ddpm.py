@@ -245,3 +245,12 @@ def test_corrupt_checkpoint_to_resume(tmp_path, tiny_data):
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path, tiny_data):
     proc = run("ddpm.py", *tiny(tiny_data, "--resume"), cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_a_new_run_never_overwrites_a_checkpoint(tmp_path, chain):
+    root = chain.copy_upto("ddpm.py", tmp_path)
+    path = os.path.join(root, "runs", "ddpm.pt")
+    before = open(path, "rb").read()
+    proc = run("ddpm.py", *tiny(chain.data), cwd=root, check=False)
+    assert proc.returncode != 0 and "already exists" in proc.stderr and "--resume" in proc.stderr
+    assert open(path, "rb").read() == before

@@ -145,15 +145,15 @@ def test_candidate_k_of_image_i_is_images_i_k(chain, tmp_path, monkeypatch):
     monkeypatch.chdir(d)
     monkeypatch.setattr(generate, "build_unet", lambda s: CopyUNet(ddpm.make_schedule(s["T"])))
     generate.main(["--preset", "tiny", "--device", "cpu", "--w", "0", "--eta", "0", "--steps", "100",
-                   "--K", "3", "--batch-size", "9", "--num-anchors", "10"])
-    art = torch.load("runs/synthetic.pt", weights_only=True)
+                   "--K", "3", "--batch-size", "9", "--num-anchors", "10", "--out", "runs/copies.pt"])
+    art = torch.load("runs/copies.pt", weights_only=True)
     images = art["images"]
     assert images.shape == (10, 3, 3, 16, 16) and images.dtype == torch.uint8
     x, _, _ = ddpm.load_dataset("folder", chain.data, "train", 16)
     dist = (images[:, :, None].float() - x[None, None, :10].float()).abs().mean((3, 4, 5))   # [i, k, j]
     assert (dist.argmin(-1) == torch.arange(10)[:, None]).all()
     assert dist[torch.arange(10), :, torch.arange(10)].max() < 10        # a near copy: ~4 of 255 off
-    assert not os.path.exists("runs/synthetic.pt.parts")
+    assert not os.path.exists("runs/copies.pt.parts")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,8 +194,6 @@ def test_interrupted_run_resumes_to_the_same_result(chain, tmp_path, monkeypatch
     # No --dataset / --data-dir: they come from runs/ddpm.pt. 12 anchors, 3 per batch: 4 batches.
     flags = ["--preset", "tiny", "--device", "cpu", "--num-anchors", "12", "--batch-size", "6", "--steps", "2"]
     generate.main(flags + ["--out", "runs/reference.pt"])
-    with open("runs/synthetic.pt", "wb") as f:
-        f.write(b"an older candidate set")
 
     real_save, chunks_saved = generate.atomic_save, []
 
@@ -212,7 +210,7 @@ def test_interrupted_run_resumes_to_the_same_result(chain, tmp_path, monkeypatch
             generate.main(flags)
     assert "rerun the same command to resume" in str(e.value)
     assert sorted(os.listdir("runs/synthetic.pt.parts")) == ["batch_000000.pt", "batch_000001.pt", "manifest.pt"]
-    assert open("runs/synthetic.pt", "rb").read() == b"an older candidate set"     # untouched
+    assert not os.path.exists("runs/synthetic.pt")     # never a partial file under the final name
 
     with pytest.raises(SystemExit) as e:                 # other settings may not reuse those batches
         generate.main(flags + ["--w", "0.5"])
@@ -226,6 +224,10 @@ def test_interrupted_run_resumes_to_the_same_result(chain, tmp_path, monkeypatch
     assert torch.equal(resumed["images"], reference["images"])
     assert resumed["settings"] == reference["settings"]
     assert not os.path.exists("runs/synthetic.pt.parts")
+    with pytest.raises(SystemExit) as e:                 # and a finished set is never made again over itself
+        generate.main(flags)
+    assert "already exists" in str(e.value) and torch.equal(
+        torch.load("runs/synthetic.pt", weights_only=True)["images"], reference["images"])
 
 
 # ------------------------------------------------------------------------------------------------
