@@ -40,7 +40,8 @@ import torch.nn.functional as F
 import torchvision
 
 from ddpm import (Progress, StopFlag, atomic_save, count_flops, data_info, fail, load_artifact, load_dataset,
-                  load_for_resume, peak_flops, pick_device, refuse_to_overwrite, resolve_settings)
+                  load_for_resume, peak_flops, pick_device, refuse_to_overwrite, resolve_settings,
+                  restore_rng_state, rng_state)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -432,9 +433,7 @@ def main(argv=None):
         head.load_state_dict(ckpt["head"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        restore_rng_state(ckpt, device)
         print(f"resuming {args.out} at epoch {ckpt['epoch']}/{s['epochs']} (step {step})", flush=True)
 
     use_bf16 = device.type == "cuda"                    # bf16 autocast: ~2x the conv throughput of fp32
@@ -447,8 +446,7 @@ def main(argv=None):
                          epoch=step // steps_per_epoch, step=step, settings=s, data=info, classes=classes,
                          synthetic=None if syn is None else made_from(syn, s["synthetic"]),
                          norm=dict(mean=mean, std=std), finished=final,
-                         num_params=dict(backbone=n_backbone, head=n_head), rng_cpu=torch.get_rng_state(),
-                         **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})),
+                         num_params=dict(backbone=n_backbone, head=n_head), **rng_state(device)),
                     args.out)
 
     progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,

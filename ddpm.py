@@ -202,6 +202,18 @@ def load_artifact(path, made_by):
              f"another program: delete it and run `python {made_by}` again")
 
 
+def rng_state(device):
+    """The random streams a resumed run must continue exactly: the CPU's, and the GPU's when on one."""
+    return dict(rng_cpu=torch.get_rng_state(),
+                **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+
+
+def restore_rng_state(ckpt, device):
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in ckpt:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+
+
 def refuse_to_overwrite(path, how_to_continue):
     """A new run never replaces an existing artifact (hours of work): it says what to do instead."""
     if os.path.exists(path):
@@ -623,9 +635,7 @@ def main(argv=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        restore_rng_state(ckpt, device)
         print(f"resuming {args.out} at step {step}/{s['steps']}", flush=True)
 
     train_model = torch.compile(model) if args.compile else model
@@ -634,8 +644,7 @@ def main(argv=None):
     def save(final=False):
         atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                          step=step, settings=s, data=info, classes=classes, finished=final,
-                         num_params=n_params, rng_cpu=torch.get_rng_state(),
-                         **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})),
+                         num_params=n_params, **rng_state(device)),
                     args.out)
 
     steps_per_epoch = N // B                    # drop the last partial batch, like drop_last=True
