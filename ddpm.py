@@ -21,8 +21,9 @@ Reads:  the training images (--dataset cifar10 | cifar100 | folder, --data-dir).
 Writes: runs/ddpm.pt (raw + EMA weights, optimiser, step, settings; checkpointed as it trains)
         runs/ddpm_samples.png (an 8x8 grid of DDIM samples from the EMA weights).
 
-This file also holds the small pieces of plumbing every stage shares (data loading, presets,
-atomic saves, progress lines, MFU); `generate.py`, `clsp.py` and `evaluate.py` import them from here.
+Read top to bottom: the settings, the forward process, the UNet, the DDIM sampler, then the small
+pieces of plumbing every stage shares (data loading, atomic saves, progress lines, MFU, Ctrl-C;
+`generate.py`, `clsp.py` and `evaluate.py` import them from here), and last the training loop.
 """
 
 import argparse
@@ -92,6 +93,219 @@ def pick_device(name):
         fail(f"--device {name} was asked for but PyTorch sees no CUDA GPU here; use --device cpu")
     return device
 
+
+# ------------------------------------------------------------------------------------------------
+# The forward process. Ho et al. eq. (4): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+# ------------------------------------------------------------------------------------------------
+
+def make_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+    """abar_t for t = 0..T-1 (index 0 is the paper's t = 1), computed in float64 then stored as float32."""
+    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)   # linear schedule, Ho et al. sec. 4
+    abar = torch.cumprod(1.0 - beta, dim=0)
+    return abar.float()
+
+
+def q_sample(x0, t, eps, abar):
+    """Noise clean images x0 to step t in one jump (the closed form of q(x_t | x_0))."""
+    a = abar[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def ddpm_loss(model, x0, abar):
+    """Algorithm 1 of Ho et al.: t ~ Uniform, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2."""
+    t = torch.randint(0, abar.numel(), (x0.shape[0],), device=x0.device)
+    eps = torch.randn_like(x0)
+    x_t = q_sample(x0, t, eps, abar)
+    return F.mse_loss(model(x_t, t).float(), eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# The UNet (the DDPM CIFAR-10 layout). ch 128 -> 35.7 M parameters (the authors'), ch 64 -> 9.0 M.
+# ------------------------------------------------------------------------------------------------
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the step t (as in the Transformer), [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, + the projected time embedding, GN-SiLU-dropout-conv, + (1x1-projected) input."""
+
+    def __init__(self, in_ch, out_ch, tdim, dropout, attn=False):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.GroupNorm(32, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, out_ch))
+        self.block2 = nn.Sequential(nn.GroupNorm(32, out_ch), nn.SiLU(), nn.Dropout(dropout),
+                                    nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = Attention(out_ch) if attn else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.block1(x) + self.temb_proj(temb)[:, :, None, None]
+        h = self.block2(h) + self.shortcut(x)
+        return self.attn(h)
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # [B, HW, C]
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]           # fused kernel
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, temb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, temb=None):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t), split as decode(encode(x_t, t)) so stage 2 can edit the bottleneck h."""
+
+    def __init__(self, ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=16, dropout=0.1, image_size=32):
+        super().__init__()
+        self.ch = ch
+        tdim = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+
+        # Down path: num_res_blocks ResBlocks per level, a stride-2 conv between levels. Every output is
+        # remembered (`chans`) because the up path concatenates it back in (the UNet's skip connections).
+        self.down, chans, now, res = nn.ModuleList(), [ch], ch, image_size
+        for i, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(now, ch * mult, tdim, dropout, attn=(res == attn_res)))
+                now = ch * mult
+                chans.append(now)
+            if i != len(ch_mult) - 1:
+                self.down.append(Downsample(now))
+                chans.append(now)
+                res //= 2
+        # Middle, at the lowest resolution (4x4 for 32x32 inputs): its output is the bottleneck h.
+        self.mid = nn.ModuleList([ResBlock(now, now, tdim, dropout, attn=True),
+                                  ResBlock(now, now, tdim, dropout)])
+        # Up path, the mirror image: one more ResBlock per level, each eating one skip connection.
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(chans.pop() + now, ch * mult, tdim, dropout, attn=(res == attn_res)))
+                now = ch * mult
+            if i != 0:
+                self.up.append(Upsample(now))
+                res *= 2
+        self.out = nn.Sequential(nn.GroupNorm(32, now), nn.SiLU(), nn.Conv2d(now, 3, 3, padding=1))
+        self._init_weights()
+
+    def _init_weights(self):
+        # As in the DDPM reference code: Xavier-uniform everywhere, and the last layer of every residual
+        # branch (and of the network) nearly zero, so each block starts as the identity.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.xavier_uniform_(m.block2[-1].weight, gain=1e-5)
+            if isinstance(m, Attention):
+                nn.init.xavier_uniform_(m.proj.weight, gain=1e-5)
+        nn.init.xavier_uniform_(self.out[-1].weight, gain=1e-5)
+
+    def encode(self, x_t, t):
+        """Input conv, down path and middle blocks -> (h, skips, temb). h: [B, 2ch, 4, 4] for 32x32."""
+        temb = self.temb(timestep_embedding(t, self.ch))
+        h = self.conv_in(x_t)
+        skips = [h]
+        for block in self.down:
+            h = block(h, temb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, temb)
+        return h, skips, temb
+
+    def decode(self, h, skips, temb):
+        """Up path (concatenating the skips, deepest first) and output layers -> eps."""
+        skips = list(skips)          # a copy: the caller's list is left as it was
+        for block in self.up:
+            if isinstance(block, ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, temb)
+        return self.out(h)
+
+    def forward(self, x_t, t):
+        return self.decode(*self.encode(x_t, t))
+
+
+def build_unet(s):
+    return UNet(s["ch"], tuple(s["ch_mult"]), s["num_res_blocks"], s["attn_res"], s["dropout"], s["image_size"])
+
+
+# ------------------------------------------------------------------------------------------------
+# DDIM sampling (Song et al. 2021, eq. 12). eta = 0 is deterministic; eta = 1 is DDPM-like.
+# ------------------------------------------------------------------------------------------------
+
+def ddim_timesteps(S, T=1000):
+    """S evenly spaced steps, from T-1 down: 999, 989, ..., 9 for S = 100 (then -1 means 'done').
+    (i * T) // S rather than i * (T // S), so an S that does not divide T still spans the whole range."""
+    return [T - 1 - (i * T) // S for i in range(S)]
+
+
+def ddim_step(x, eps, t, t_next, abar, eta, noise):
+    """One DDIM update x_t -> x_{t_next}, given the predicted eps. Returns x0 itself when t_next < 0."""
+    a_t = abar[t]
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()            # the model's guess of the clean image
+    if t_next < 0:
+        return x0
+    a_next = abar[t_next]
+    sigma = eta * ((1 - a_next) / (1 - a_t)).sqrt() * (1 - a_t / a_next).sqrt()
+    return a_next.sqrt() * x0 + (1 - a_next - sigma ** 2).sqrt() * eps + sigma * noise
+
+
+@torch.no_grad()
+def ddim_sample(model, x_T, abar, S=100, eta=0.0, generator=None):
+    """Plain DDIM from x_T. The step noise is drawn from `generator`, so a seed fixes the result."""
+    x = x_T
+    steps = ddim_timesteps(S, abar.numel())
+    for t, t_next in zip(steps, steps[1:] + [-1]):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = model(x, tt).float()
+        noise = torch.randn(x.shape, device=x.device, generator=generator) if t_next >= 0 else None
+        x = ddim_step(x, eps, t, t_next, abar, eta, noise)
+    return x
+
+
+def to_uint8(x):
+    """[-1, 1] floats -> uint8 pixels, as the DDPM reference saves its samples."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ================================================================================================
+# The plumbing every stage shares (generate.py, clsp.py and evaluate.py import it from here): the
+# data, safe artifacts, progress lines and MFU, and a clean Ctrl-C. Not DDPM-specific.
+# ================================================================================================
 
 # ------------------------------------------------------------------------------------------------
 # Data: the whole data set as one uint8 tensor [N, 3, H, W] (150 MB for CIFAR-10), loaded once.
@@ -324,214 +538,6 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
         print("\nstopping at the end of this step (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# The forward process. Ho et al. eq. (4): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
-# ------------------------------------------------------------------------------------------------
-
-def make_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
-    """abar_t for t = 0..T-1 (index 0 is the paper's t = 1), computed in float64 then stored as float32."""
-    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)   # linear schedule, Ho et al. sec. 4
-    abar = torch.cumprod(1.0 - beta, dim=0)
-    return abar.float()
-
-
-def q_sample(x0, t, eps, abar):
-    """Noise clean images x0 to step t in one jump (the closed form of q(x_t | x_0))."""
-    a = abar[t].view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * eps
-
-
-def ddpm_loss(model, x0, abar):
-    """Algorithm 1 of Ho et al.: t ~ Uniform, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2."""
-    t = torch.randint(0, abar.numel(), (x0.shape[0],), device=x0.device)
-    eps = torch.randn_like(x0)
-    x_t = q_sample(x0, t, eps, abar)
-    return F.mse_loss(model(x_t, t).float(), eps)
-
-
-# ------------------------------------------------------------------------------------------------
-# The UNet (the DDPM CIFAR-10 layout). ch 128 -> 35.7 M parameters (the authors'), ch 64 -> 9.0 M.
-# ------------------------------------------------------------------------------------------------
-
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of the step t (as in the Transformer), [B] -> [B, dim]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-
-
-class ResBlock(nn.Module):
-    """GN-SiLU-conv, + the projected time embedding, GN-SiLU-dropout-conv, + (1x1-projected) input."""
-
-    def __init__(self, in_ch, out_ch, tdim, dropout, attn=False):
-        super().__init__()
-        self.block1 = nn.Sequential(nn.GroupNorm(32, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
-        self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, out_ch))
-        self.block2 = nn.Sequential(nn.GroupNorm(32, out_ch), nn.SiLU(), nn.Dropout(dropout),
-                                    nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-        self.attn = Attention(out_ch) if attn else nn.Identity()
-
-    def forward(self, x, temb):
-        h = self.block1(x) + self.temb_proj(temb)[:, :, None, None]
-        h = self.block2(h) + self.shortcut(x)
-        return self.attn(h)
-
-
-class Attention(nn.Module):
-    """Single-head self-attention over all H*W positions, with a residual connection."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.norm = nn.GroupNorm(32, ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # [B, HW, C]
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]           # fused kernel
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
-
-
-class Downsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x, temb=None):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x, temb=None):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
-class UNet(nn.Module):
-    """eps_theta(x_t, t), split as decode(encode(x_t, t)) so stage 2 can edit the bottleneck h."""
-
-    def __init__(self, ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=16, dropout=0.1, image_size=32):
-        super().__init__()
-        self.ch = ch
-        tdim = 4 * ch
-        self.temb = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
-        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
-
-        # Down path: num_res_blocks ResBlocks per level, a stride-2 conv between levels. Every output is
-        # remembered (`chans`) because the up path concatenates it back in (the UNet's skip connections).
-        self.down, chans, now, res = nn.ModuleList(), [ch], ch, image_size
-        for i, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(ResBlock(now, ch * mult, tdim, dropout, attn=(res == attn_res)))
-                now = ch * mult
-                chans.append(now)
-            if i != len(ch_mult) - 1:
-                self.down.append(Downsample(now))
-                chans.append(now)
-                res //= 2
-        # Middle, at the lowest resolution (4x4 for 32x32 inputs): its output is the bottleneck h.
-        self.mid = nn.ModuleList([ResBlock(now, now, tdim, dropout, attn=True),
-                                  ResBlock(now, now, tdim, dropout)])
-        # Up path, the mirror image: one more ResBlock per level, each eating one skip connection.
-        self.up = nn.ModuleList()
-        for i, mult in reversed(list(enumerate(ch_mult))):
-            for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(chans.pop() + now, ch * mult, tdim, dropout, attn=(res == attn_res)))
-                now = ch * mult
-            if i != 0:
-                self.up.append(Upsample(now))
-                res *= 2
-        self.out = nn.Sequential(nn.GroupNorm(32, now), nn.SiLU(), nn.Conv2d(now, 3, 3, padding=1))
-        self._init_weights()
-
-    def _init_weights(self):
-        # As in the DDPM reference code: Xavier-uniform everywhere, and the last layer of every residual
-        # branch (and of the network) nearly zero, so each block starts as the identity.
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if isinstance(m, ResBlock):
-                nn.init.xavier_uniform_(m.block2[-1].weight, gain=1e-5)
-            if isinstance(m, Attention):
-                nn.init.xavier_uniform_(m.proj.weight, gain=1e-5)
-        nn.init.xavier_uniform_(self.out[-1].weight, gain=1e-5)
-
-    def encode(self, x_t, t):
-        """Input conv, down path and middle blocks -> (h, skips, temb). h: [B, 2ch, 4, 4] for 32x32."""
-        temb = self.temb(timestep_embedding(t, self.ch))
-        h = self.conv_in(x_t)
-        skips = [h]
-        for block in self.down:
-            h = block(h, temb)
-            skips.append(h)
-        for block in self.mid:
-            h = block(h, temb)
-        return h, skips, temb
-
-    def decode(self, h, skips, temb):
-        """Up path (concatenating the skips, deepest first) and output layers -> eps."""
-        skips = list(skips)          # a copy: the caller's list is left as it was
-        for block in self.up:
-            if isinstance(block, ResBlock):
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, temb)
-        return self.out(h)
-
-    def forward(self, x_t, t):
-        return self.decode(*self.encode(x_t, t))
-
-
-def build_unet(s):
-    return UNet(s["ch"], tuple(s["ch_mult"]), s["num_res_blocks"], s["attn_res"], s["dropout"], s["image_size"])
-
-
-# ------------------------------------------------------------------------------------------------
-# DDIM sampling (Song et al. 2021, eq. 12). eta = 0 is deterministic; eta = 1 is DDPM-like.
-# ------------------------------------------------------------------------------------------------
-
-def ddim_timesteps(S, T=1000):
-    """S evenly spaced steps, from T-1 down: 999, 989, ..., 9 for S = 100 (then -1 means 'done').
-    (i * T) // S rather than i * (T // S), so an S that does not divide T still spans the whole range."""
-    return [T - 1 - (i * T) // S for i in range(S)]
-
-
-def ddim_step(x, eps, t, t_next, abar, eta, noise):
-    """One DDIM update x_t -> x_{t_next}, given the predicted eps. Returns x0 itself when t_next < 0."""
-    a_t = abar[t]
-    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()            # the model's guess of the clean image
-    if t_next < 0:
-        return x0
-    a_next = abar[t_next]
-    sigma = eta * ((1 - a_next) / (1 - a_t)).sqrt() * (1 - a_t / a_next).sqrt()
-    return a_next.sqrt() * x0 + (1 - a_next - sigma ** 2).sqrt() * eps + sigma * noise
-
-
-@torch.no_grad()
-def ddim_sample(model, x_T, abar, S=100, eta=0.0, generator=None):
-    """Plain DDIM from x_T. The step noise is drawn from `generator`, so a seed fixes the result."""
-    x = x_T
-    steps = ddim_timesteps(S, abar.numel())
-    for t, t_next in zip(steps, steps[1:] + [-1]):
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, tt).float()
-        noise = torch.randn(x.shape, device=x.device, generator=generator) if t_next >= 0 else None
-        x = ddim_step(x, eps, t, t_next, abar, eta, noise)
-    return x
-
-
-def to_uint8(x):
-    """[-1, 1] floats -> uint8 pixels, as the DDPM reference saves its samples."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # ------------------------------------------------------------------------------------------------
