@@ -24,7 +24,7 @@ Writes: runs/synthetic.pt: images uint8 [N, K, 3, S, S], candidate k of training
         runs/synthetic_w_sweep.png: the same anchors sampled with w = 0, 0.1, 0.25, 0.5, 1.
         While it runs, finished batches are kept in runs/synthetic.pt.parts/, so an interrupted run,
         restarted with the same command, resumes where it stopped.
-Time:   tiny: about 10 s on a 2-core CPU (7 s of sampling). On a GPU: not yet measured (the goal is the
+Time:   tiny: about 6 s on an idle 2-core CPU. On a GPU: not yet measured (the goal is the
         full standard set, 400,000 images x 100 steps, in under 15 minutes on one H100).
 """
 
