@@ -39,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from ddpm import (Progress, StopFlag, atomic_save, count_flops, data_info, fail, load_artifact, load_dataset,
-                  load_for_resume, peak_flops, pick_device, refuse_to_overwrite, resolve_settings,
-                  restore_rng_state, rng_state)
+from ddpm import (Progress, StopFlag, atomic_save, count_flops, data_info, epoch_order, fail, load_artifact,
+                  load_dataset, load_for_resume, peak_flops, pick_device, refuse_to_overwrite,
+                  resolve_settings, restore_rng_state, rng_state)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -456,11 +456,9 @@ def main(argv=None):
     stop = StopFlag()                                   # Ctrl-C: stop at the end of the step, then save
     net.train()
     while step < total_steps:
-        # Each epoch's shuffle comes from its own seeded generator, so a resumed run sees the same order.
         epoch, i = divmod(step, steps_per_epoch)
-        if epoch != epoch_of_perm:
-            g_epoch = torch.Generator().manual_seed(s["seed"] * 100_003 + epoch)
-            perm, epoch_of_perm = torch.randperm(N, generator=g_epoch).to(device), epoch
+        if epoch != epoch_of_perm:                     # a new epoch: a new, seeded order (resumable)
+            perm, epoch_of_perm = epoch_order(N, s["seed"], epoch, device), epoch
         idx = perm[i * B:(i + 1) * B]
         x = x_train[idx]
         # [v1; v2; s]: the real batch twice and one fresh candidate per image, all augmented in one

@@ -430,6 +430,13 @@ def restore_rng_state(ckpt, device):
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
 
 
+def epoch_order(N, seed, epoch, device):
+    """The shuffle of one epoch, from its own seeded generator, so a resumed run sees the same order.
+    Made on the CPU and moved to the device once per epoch: a copy per step would stall the GPU."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(N, generator=g).to(device)
+
+
 def refuse_to_overwrite(path, how_to_continue):
     """A new run never replaces an existing artifact (hours of work): it says what to do instead."""
     if os.path.exists(path):
@@ -662,12 +669,9 @@ def main(argv=None):
     stop = StopFlag()
     model.train()
     while step < s["steps"]:
-        # Each epoch's shuffle comes from its own seeded generator, so a resumed run sees the same
-        # order. It is moved to the GPU once per epoch: a copy per step would stall the GPU.
         epoch, i = divmod(step, steps_per_epoch)
-        if epoch != epoch_of_perm:
-            g_epoch = torch.Generator().manual_seed(s["seed"] * 100_003 + epoch)
-            perm, epoch_of_perm = torch.randperm(N, generator=g_epoch).to(device), epoch
+        if epoch != epoch_of_perm:                                          # a new epoch: a new order
+            perm, epoch_of_perm = epoch_order(N, s["seed"], epoch, device), epoch
         x0 = x_train[perm[i * B:(i + 1) * B]].float() / 127.5 - 1.0        # [0, 255] -> [-1, 1]
         flip = torch.rand(B, 1, 1, 1, device=device) < 0.5                 # random horizontal flip
         x0 = torch.where(flip, x0.flip(3), x0).contiguous(memory_format=torch.channels_last)
