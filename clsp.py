@@ -292,7 +292,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=int, help="linear warm-up, then cosine to 0 (standard: 10)")
     p.add_argument("--synthetic", help="stage 2's candidate set (standard: runs/synthetic.pt)")
     p.add_argument("--knn-every", type=int, help="print a quick kNN top-1 on the test split every N epochs; 0: never")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (faster on a GPU after compiling)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network and the augmentation (faster on a GPU after compiling)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
     p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write (default: %(default)s)")
     # For tests of --resume: behave exactly as if Ctrl-C were pressed right after epoch N is saved.
@@ -439,7 +439,12 @@ def main(argv=None):
     use_bf16 = device.type == "cuda"                    # bf16 autocast: ~2x the conv throughput of fp32
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN pick its fastest kernels
+    # --compile compiles the network and, separately, apply_augment: eager, its ~200 small elementwise
+    # kernels each read and write the whole batch; compiled, they fuse into a few. The random parameters
+    # stay eager, so a compiled run draws the very augmentations an eager run draws. (What each buys on
+    # a GPU is not yet measured; `tests/benchmark.py --compile` times both.)
     train_net = torch.compile(net) if args.compile else net
+    augment_batch = torch.compile(apply_augment) if args.compile else apply_augment
 
     def save(final=False):
         atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(),
@@ -464,8 +469,9 @@ def main(argv=None):
         # [v1; v2; s]: the real batch twice and one fresh candidate per image, all augmented in one
         # call with independent parameters per image, so v1 and v2 differ.
         parts = [x, x] + ([pick_candidates(synthetic, idx)] if synthetic is not None else [])
-        views = augment(torch.cat(parts), s["image_size"], mean_t, std_t)
-        views = views.contiguous(memory_format=layout)
+        raw = torch.cat(parts)                         # uint8 [V*B, 3, H, W]
+        p = sample_augment_params(raw.shape[0], raw.shape[2], raw.shape[3], device)   # augment() in two steps
+        views = augment_batch(raw, p, s["image_size"], mean_t, std_t).contiguous(memory_format=layout)
 
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s, steps_per_epoch)

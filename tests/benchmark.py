@@ -8,7 +8,8 @@ implementation takes, on random data of the real shapes, in one run, so every sp
 For each stage it prints images/s, the achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter, in
 fp32 terms: a bf16 multiply-add counts the same as an fp32 one), MFU against the GPU's dense bf16 peak,
 and peak memory; and, for the same batch, the loss (or output) of the fast and the plain path, which
-must agree within bf16 tolerance: the fast path computes the same function.
+must agree within bf16 tolerance: the fast path computes the same function. Stage 3 also times the
+augmentation alone (its share of a step) and the checkpoint clsp.py writes every epoch.
 
   fast  = what the scripts do: bf16 autocast, channels_last, data on the GPU as uint8, batched GPU
           augmentation (stage 3), optionally torch.compile.
@@ -20,6 +21,7 @@ Not collected by pytest (its name does not start with test_); tests/test_benchma
 import argparse
 import os
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -56,13 +58,13 @@ class Table:
     def __init__(self, device):
         self.peak = ddpm.peak_flops(device)
         self.device = device
-        self.rows = []
+        self.rows, self.notes = [], []
 
     def add(self, stage, path, images, seconds, flops, check=""):
         mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else float("nan")
-        tflops = flops / seconds / 1e12
-        mfu = f"{100 * flops / seconds / self.peak:5.1f}%" if self.peak else "  n/a"
-        self.rows.append((stage, path, f"{images / seconds:12,.0f}", f"{seconds * 1e3:9.2f}", f"{tflops:8.1f}",
+        tflops = f"{flops / seconds / 1e12:8.1f}" if flops else "       -"       # no matmuls: no TFLOP/s
+        mfu = f"{100 * flops / seconds / self.peak:5.1f}%" if self.peak and flops else "  n/a"
+        self.rows.append((stage, path, f"{images / seconds:12,.0f}", f"{seconds * 1e3:9.2f}", tflops,
                           mfu, f"{mem:6.1f}", check))
         print(" | ".join(self.rows[-1]), flush=True)
         if self.device.type == "cuda":
@@ -76,6 +78,8 @@ class Table:
         print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         for r in self.rows:
             print(line(r))
+        for note in self.notes:
+            print(note)
 
 
 def variants(model, device, compile_too):
@@ -193,6 +197,26 @@ def bench_clsp(table, device, sz, compile_too):
             opt.step()
         sec = timed(step, sz["iters"], sz["warmup"], device)
         table.add("3 CLSP step", name, 3 * B, sec, flops, f"loss {same:.5f} (plain {ref:.5f})")
+
+    # The augmentation alone (random parameters + apply_augment, as clsp.py does it): its share of a
+    # step, eager and, with --compile, compiled as clsp.py --compile compiles it.
+    raw = torch.cat([x_train[idx], x_train[idx], clsp.pick_candidates(synthetic, idx)])
+    p = clsp.sample_augment_params(3 * B, S, S, device, g)
+    eager = clsp.apply_augment(raw, p, S, mean, std)
+    for name, fn in [("fast", clsp.apply_augment)] + (
+            [("fast+compile", torch.compile(clsp.apply_augment))] if compile_too else []):
+        diff = (fn(raw, p, S, mean, std) - eager).abs().max().item()
+        sec = timed(lambda: fn(raw, clsp.sample_augment_params(3 * B, S, S, device), S, mean, std),
+                    sz["iters"], sz["warmup"], device)
+        table.add("3 augmentation", name, 3 * B, sec, 0, "" if name == "fast" else f"max diff to eager {diff:.1e}")
+
+    # The checkpoint clsp.py writes at the end of every epoch (weights + SGD momentum), to a local file.
+    state = dict(net=net.state_dict(), optimizer=opt.state_dict())
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "clsp.pt")
+        sec = timed(lambda: ddpm.atomic_save(state, path), sz["iters"] // 4 + 1, 1, torch.device("cpu"))
+        table.notes.append(f"clsp.py's per-epoch checkpoint: {os.path.getsize(path) / 1e6:.0f} MB written "
+                           f"in {sec:.2f} s (to {tempfile.gettempdir()})")
 
     # The plain path: PIL-free torchvision transforms on CPU workers, as most SimCLR code does it.
     import torchvision.transforms.v2 as T

@@ -166,6 +166,18 @@ def test_augment_equals_torchvision_given_the_same_parameters():
     assert (ours - reference_augment(x, p, 16, mean, std)).abs().max() < 1e-5
 
 
+def test_augment_compiles_as_one_graph_with_the_same_output():
+    # clsp.py --compile compiles apply_augment. fullgraph=True fails on any graph break (a host sync,
+    # a data-dependent shape); the aot_eager backend traces it as inductor would, without the C++
+    # compile, so this stays fast on a CPU and the traced function must equal the eager one exactly.
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=g)
+    p = clsp.sample_augment_params(48, 16, 16, "cpu", g)
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    traced = torch.compile(clsp.apply_augment, fullgraph=True, backend="aot_eager")
+    assert torch.equal(traced(x, p, 16, mean, std), clsp.apply_augment(x, p, 16, mean, std))
+
+
 def test_augment_draws_independent_parameters_per_image():
     x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).expand(64, 3, 16, 16)
     out = clsp.augment(x, 16, [0.5] * 3, [0.25] * 3, torch.Generator().manual_seed(0))
