@@ -39,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from ddpm import (Progress, StopFlag, atomic_save, count_flops, data_info, epoch_order, fail, load_artifact,
-                  load_dataset, load_for_resume, peak_flops, pick_device, refuse_to_overwrite,
-                  resolve_settings, restore_rng_state, rng_state)
+from ddpm import (PRECISIONS, Progress, StopFlag, atomic_save, autocast_dtype, count_flops, data_info,
+                  epoch_order, fail, load_artifact, load_dataset, load_for_resume, peak_flops, pick_device,
+                  refuse_to_overwrite, resolve_settings, restore_rng_state, rng_state)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -244,7 +244,7 @@ def channel_stats(x):
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1, chunk=1024):
+def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1, amp=None, chunk=1024):
     was_training = backbone.training
     layout = torch.channels_last if x_train.device.type == "cuda" else torch.contiguous_format
     backbone.eval()
@@ -255,7 +255,7 @@ def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1
         out = []
         for a in range(0, x.shape[0], chunk):
             xb = ((x[a:a + chunk].float() / 255 - mean_t) / std_t).contiguous(memory_format=layout)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
                 out.append(F.normalize(backbone(xb).float(), dim=1))
         return torch.cat(out)
 
@@ -292,6 +292,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=int, help="linear warm-up, then cosine to 0 (standard: 10)")
     p.add_argument("--synthetic", help="stage 2's candidate set (standard: runs/synthetic.pt)")
     p.add_argument("--knn-every", type=int, help="print a quick kNN top-1 on the test split every N epochs; 0: never")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the network and the augmentation (faster on a GPU after compiling)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
     p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write (default: %(default)s)")
@@ -409,12 +411,15 @@ def main(argv=None):
     # SGD with weight decay on every parameter, BatchNorm and biases included (the authors' recipe).
     opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=s["momentum"], weight_decay=s["weight_decay"])
     V = 3 if syn is not None else 2                      # views per real image: v1, v2 (+ s)
+    # Autocast: bf16 on recent GPUs, fp16 + loss scaling on older ones (ddpm.autocast_dtype says why).
+    amp = autocast_dtype(args.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     n_backbone = sum(p.numel() for p in backbone.parameters())
     n_head = sum(p.numel() for p in head.parameters())
     print(f"ResNet-18 {n_backbone / 1e6:.2f} M + head {n_head / 1e6:.2f} M parameters; {N} training images "
           f"of {info['dataset']} at {info['image_size']}px; lam {lam}, tau {s['tau']}, {V} views per image"
           + (f", K = {synthetic.shape[1]} candidates each" if syn is not None else " (SimCLR baseline)")
-          + f"; device {device}", flush=True)
+          + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
 
     # FLOPs of one training step (forward + backward) for MFU, only where there is a peak to compare
     # with (a known GPU): counted on a copy with 2 images per view and scaled to the batch. A copy,
@@ -432,11 +437,12 @@ def main(argv=None):
         backbone.load_state_dict(ckpt["backbone"])
         head.load_state_dict(ckpt["head"])
         opt.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         restore_rng_state(ckpt, device)
         print(f"resuming {args.out} at epoch {ckpt['epoch']}/{s['epochs']} (step {step})", flush=True)
 
-    use_bf16 = device.type == "cuda"                    # bf16 autocast: ~2x the conv throughput of fp32
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN pick its fastest kernels
     # --compile compiles the network and, separately, apply_augment: eager, its ~200 small elementwise
@@ -448,7 +454,7 @@ def main(argv=None):
 
     def save(final=False):
         atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(),
-                         epoch=step // steps_per_epoch, step=step, settings=s, data=info, classes=classes,
+                         scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step, settings=s, data=info, classes=classes,
                          synthetic=None if syn is None else made_from(syn, s["synthetic"]),
                          norm=dict(mean=mean, std=std), finished=final,
                          num_params=dict(backbone=n_backbone, head=n_head), **rng_state(device)),
@@ -476,14 +482,15 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s, steps_per_epoch)
         # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and s together.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             z = train_net(views)
         z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
         z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if V == 3 else None)
         loss, l_simclr, l_clsp = total_loss(z1, z2, z3, lam, s["tau"])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()              # fp16 only: loss scaling; otherwise plain backward()
+        scaler.step(opt)
+        scaler.update()
         step += 1
         loss_sums += torch.stack([l_simclr.detach(), l_clsp.detach()])
         n_summed += 1
@@ -497,7 +504,7 @@ def main(argv=None):
             metrics = dict(L_simclr=l_s, **({"L_clsp": l_c} if V == 3 else {}))
             metrics["lr"] = f"{lr_at(step - 1, s, steps_per_epoch):.2e}"
             if s["knn_every"] and (done % s["knn_every"] == 0 or done == s["epochs"]):
-                acc = knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, s["knn_k"], s["knn_T"])
+                acc = knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, s["knn_k"], s["knn_T"], amp)
                 metrics["kNN"] = f"{100 * acc:.2f}%"
             progress.line(done, **metrics)
             save(final=(step == total_steps))

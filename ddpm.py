@@ -96,6 +96,24 @@ def pick_device(name):
     return device
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def autocast_dtype(precision, device):
+    """--precision -> the dtype autocast runs convolutions and matmuls in, or None for plain fp32.
+
+    auto: bf16 on a GPU with bf16 tensor cores (compute capability 8.0 and up: A100, H100, L4, RTX 30xx
+    and 40xx), about twice fp32's throughput with fp32's range, so nothing else changes. Older GPUs
+    (T4, V100, RTX 20xx) only emulate bf16, slower than fp32, but have fp16 tensor cores: there auto
+    means fp16, whose small range needs loss scaling in training (the GradScaler in the training
+    loops; it does nothing in bf16 or fp32). On a CPU, auto is fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
 # ------------------------------------------------------------------------------------------------
 # The forward process. Ho et al. eq. (4): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
 # ------------------------------------------------------------------------------------------------
@@ -472,12 +490,13 @@ def save_grid(images, path, nrow):
 
 
 # ------------------------------------------------------------------------------------------------
-# Progress lines and model FLOPs utilisation (MFU = achieved FLOP/s / the GPU's dense bf16 peak).
+# Progress lines and model FLOPs utilisation (MFU = achieved FLOP/s / the GPU's dense bf16 peak;
+# for V100 and T4, which have no bf16 tensor cores, the fp16 peak that --precision auto uses there).
 # ------------------------------------------------------------------------------------------------
 
-PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "GH200": 989, "A100": 312, "A800": 312, "L40S": 362,
-                    "L40": 181, "L4": 121, "A10": 125, "RTX 4090": 165, "RTX 3090": 71, "V100": 125,
-                    "T4": 65}
+PEAK_BF16_TFLOPS = {"H100": 989, "H100 PCIe": 756, "H100 NVL": 835, "H800": 989, "H200": 989,
+                    "H200 NVL": 835, "GH200": 989, "A100": 312, "A800": 312, "L40S": 362, "L40": 181,
+                    "L4": 121, "A10": 125, "RTX 4090": 165, "RTX 3090": 71, "V100": 125, "T4": 65}
 
 
 def peak_flops(device):
@@ -574,6 +593,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, help="DDIM steps for the sample grid (standard: 100)")
     p.add_argument("--log-every", type=int, help="print a progress line every N steps")
     p.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster on a GPU after ~1 min of compiling)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final step")
     p.add_argument("--out", default="runs/ddpm.pt", help="the checkpoint / artifact to write (default: %(default)s)")
@@ -632,10 +653,12 @@ def main(argv=None):
     ema.load_state_dict(model.state_dict())
     ema.eval()                                  # the EMA copy only samples: dropout off
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"])
+    amp = autocast_dtype(args.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)   # fp16 only (see above)
     abar = make_schedule(s["T"], s["beta_1"], s["beta_T"]).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"UNet: {n_params / 1e6:.2f} M parameters (ch {s['ch']}, ch_mult {tuple(s['ch_mult'])}); "
-          f"{N} training images of {info['dataset']}; device {device}", flush=True)
+          f"{N} training images of {info['dataset']}; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
 
     # FLOPs of one training step (forward + backward), counted once on a single image, for MFU.
     def one_image_step():
@@ -649,16 +672,17 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         restore_rng_state(ckpt, device)
         print(f"resuming {args.out} at step {step}/{s['steps']}", flush=True)
 
     train_model = torch.compile(model) if args.compile else model
-    use_bf16 = device.type == "cuda"            # bf16 autocast: ~2x the matmul/conv throughput of fp32
 
     def save(final=False):
         atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                         step=step, settings=s, data=info, classes=classes, finished=final,
+                         scaler=scaler.state_dict(), step=step, settings=s, data=info, classes=classes, finished=final,
                          num_params=n_params, **rng_state(device)),
                     args.out)
 
@@ -678,12 +702,14 @@ def main(argv=None):
 
         for g in opt.param_groups:                                          # linear warm-up
             g["lr"] = s["lr"] * min(1.0, (step + 1) / max(s["warmup"], 1))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = ddpm_loss(train_model, x0, abar)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()           # fp16: the loss times 2^k, so small gradients survive
+        scaler.unscale_(opt)                    # the true gradients again, before they are clipped
         torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
-        opt.step()
+        scaler.step(opt)                        # fp16: skipped when a gradient overflowed, then k shrinks
+        scaler.update()
         # EMA of the weights. Our one addition to the recipe: the decay ramps up as (1+step)/(10+step)
         # (TensorFlow's ExponentialMovingAverage with num_updates), so a short run's EMA is not stuck
         # near the random init; it is 0.999 at step 9k and 0.99985 at the standard run's last step.
@@ -714,7 +740,7 @@ def main(argv=None):
     # A picture of what the model learned: 64 DDIM samples from the EMA weights.
     g = torch.Generator(device).manual_seed(s["seed"])
     x_T = torch.randn(64, 3, s["image_size"], s["image_size"], device=device, generator=g)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         samples = ddim_sample(ema, x_T, abar, s["sample_steps"], s["eta"], g)
     save_grid(to_uint8(samples), args.samples, nrow=8)
     save(final=True)

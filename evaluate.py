@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm import Progress, data_info, fail, load_artifact, load_dataset, pick_device, resolve_settings
+from ddpm import (PRECISIONS, Progress, autocast_dtype, data_info, fail, load_artifact, load_dataset, pick_device,
+                  resolve_settings)
 from clsp import augment, channel_stats, make_backbone   # the ResNet-18, its augmentation and its
                                                            # normalisation are written once, in clsp.py
 
@@ -157,6 +158,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="images per backbone pass for features (default: 1024)")
     p.add_argument("--diag-anchors", type=int, help="anchors whose candidates are measured; 0 = none (default: 2000)")
     p.add_argument("--log-every", type=int, help="probe epochs between progress lines (default: 10)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
     p.add_argument("--checkpoint", default="runs/clsp.pt", help="the backbone to evaluate (made by clsp.py) (default: %(default)s)")
     p.add_argument("--synthetic", default="runs/synthetic.pt",
                    help="candidates for the diagnostics (made by generate.py); 'none' to skip (default: %(default)s)")
@@ -233,17 +236,18 @@ def main(argv=None):
     except RuntimeError as e:
         fail(f"{args.checkpoint} holds a backbone that is not clsp.py's ResNet-18 ({str(e).splitlines()[0]}); "
              f"run `python clsp.py` again")
-    # bf16 autocast + channels_last (NHWC, the layout tensor cores want) on a GPU; plain fp32 NCHW on a
-    # CPU, where clsp.py measured NCHW faster. eval(): BatchNorm uses its running statistics.
-    use_bf16 = device.type == "cuda"
+    # Autocast (bf16 on recent GPUs, fp16 on older ones: ddpm.autocast_dtype) + channels_last (NHWC, the
+    # layout tensor cores want) on a GPU; plain fp32 NCHW on a CPU, where clsp.py measured NCHW faster.
+    # eval(): BatchNorm uses its running statistics.
+    amp = autocast_dtype(args.precision, device)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     backbone = backbone.to(device, memory_format=layout).eval().requires_grad_(False)
     lam = ckpt["settings"].get("lam")
     method = "SimCLR baseline" if lam == 0 else "CLSP"
     print(f"backbone {args.checkpoint} ({method}, lam {lam}, epoch {ckpt.get('epoch')}, trained on "
           f"{ckpt['data']['dataset']}) evaluated on {info['dataset']}: {info['num_train']} training and "
-          f"{x_test.shape[0]} test images, {C} classes{' [transfer]' if transfer else ''}; device {device}",
-          flush=True)
+          f"{x_test.shape[0]} test images, {C} classes{' [transfer]' if transfer else ''}; device {device}, "
+          f"autocast {amp or 'off (fp32)'}", flush=True)
 
     def normalise(x):
         return (x.float() / 255 - mean_t) / std_t
@@ -254,7 +258,7 @@ def main(argv=None):
         out = []
         for i in range(0, x.shape[0], s["batch_size"]):
             xb = prepare(x[i:i + s["batch_size"]].to(device)).contiguous(memory_format=layout)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out.append(backbone(xb).float())
         return torch.cat(out)
 
@@ -353,7 +357,7 @@ def main(argv=None):
                   knn_top1_by_k_chosen_on_test=knn_grid, transfer=transfer,
                   data={**info, "data_dir": s["data_dir"], "num_test": int(x_test.shape[0])},
                   synthetic_diagnostics=diag, note=note, seconds=times, device=str(device),
-                  settings=s, made_from=made_from)
+                  autocast=str(amp or "fp32"), settings=s, made_from=made_from)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = f"{args.out}.tmp{os.getpid()}"
     try:

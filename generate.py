@@ -37,9 +37,9 @@ import time
 
 import torch
 
-from ddpm import (Progress, atomic_save, build_unet, count_flops, ddim_step, ddim_timesteps, data_info, fail,
-                  load_artifact, load_dataset, make_schedule, peak_flops, pick_device, q_sample, refuse_to_overwrite,
-                  resolve_settings, save_grid, to_uint8)
+from ddpm import (PRECISIONS, Progress, atomic_save, autocast_dtype, build_unet, count_flops, ddim_step,
+                  ddim_timesteps, data_info, fail, load_artifact, load_dataset, make_schedule, peak_flops,
+                  pick_device, q_sample, refuse_to_overwrite, resolve_settings, save_grid, to_uint8)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -109,13 +109,13 @@ def generators(seed, b, device):
     return torch.Generator(device).manual_seed(base), torch.Generator(device).manual_seed(base + 1)
 
 
-def make_candidates(unet, anchors, K, w, s, abar, b, device):
+def make_candidates(unet, anchors, K, w, s, abar, b, device, amp=None):
     """uint8 anchors [A, 3, S, S] -> uint8 candidates [A, K, 3, S, S], from batch b's random streams."""
     A = anchors.shape[0]
     x_a = (anchors.to(device).float() / 127.5 - 1).repeat_interleave(K, dim=0)   # rows: a0 x K, a1 x K, ...
     g, g_anchor = generators(s["seed"], b, device)
     x_T = torch.randn(x_a.shape, device=device, generator=g)   # every candidate its own x_T: independent
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):   # amp: the autocast dtype
         x = interpolated_ddim_sample(unet, x_T, x_a, abar, w, s["S"], s["eta"], g, g_anchor)
     if not torch.isfinite(x).all():
         fail("the sampler produced NaN or inf values: the DDPM checkpoint looks broken; retrain it with "
@@ -147,6 +147,8 @@ def parse_args(argv=None):
     p.add_argument("--K", type=int, help="candidates per training image (standard: 8)")
     p.add_argument("--num-anchors", type=int, help="only the first N training images (standard: all)")
     p.add_argument("--batch-size", type=int, help="images per batch, best a multiple of K (standard: 2048)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet's encode and decode")
     p.add_argument("--ddpm", default="runs/ddpm.pt", help="the DDPM checkpoint made by ddpm.py (default: %(default)s)")
     p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write (default: %(default)s)")
@@ -223,6 +225,7 @@ def main(argv=None):
     if device.type == "cuda":
         unet = unet.to(memory_format=torch.channels_last)     # NHWC: the layout tensor cores want
     abar = make_schedule(ds["T"], ds["beta_1"], ds["beta_T"]).to(device)
+    amp = autocast_dtype(args.precision, device)   # bf16 on recent GPUs, fp16 on older ones, CPU: fp32
     # FLOPs of one sampler step on one image (2 encodes + 1 decode), for the MFU on a known GPU.
     peak, flops_step = peak_flops(device), None
     if peak:
@@ -233,15 +236,16 @@ def main(argv=None):
     if args.compile:                            # compiled separately: the sampler calls them separately
         unet.encode, unet.decode = torch.compile(unet.encode), torch.compile(unet.decode)
     print(f"{N} anchors x K = {K} candidates, S = {s['S']} DDIM steps, w = {s['w']}, eta = {s['eta']}; "
-          f"{A} anchors ({A * K} images) per batch; DDPM {args.ddpm} (step {ckpt['step']}); device {device}",
-          flush=True)
+          f"{A} anchors ({A * K} images) per batch; DDPM {args.ddpm} (step {ckpt['step']}); device {device}, "
+          f"autocast {amp or 'off (fp32)'}", flush=True)
 
     # Resuming: finished batches live in <out>.parts/ next to a manifest of what made them. Only a run
     # with the same manifest may use them, so one candidate set never mixes two settings or two DDPMs.
     refuse_to_overwrite(args.out, "it is ready for `python clsp.py`")
     parts = args.out + ".parts"
     fingerprint = float(sum(v.double().abs().sum() for v in ckpt["ema"].values() if v.is_floating_point()))
-    manifest = dict(settings={k: v for k, v in s.items() if k not in ("data_dir", "preview_anchors")},
+    manifest = dict(settings={**{k: v for k, v in s.items() if k not in ("data_dir", "preview_anchors")},
+                              "autocast": str(amp or "fp32")},     # bf16 and fp16 give other pixels
                     data=info, ddpm=dict(step=ckpt["step"], fingerprint=fingerprint))
     chunk_path = lambda b: os.path.join(parts, f"batch_{b:06d}.pt")
     chunks = {}
@@ -276,7 +280,7 @@ def main(argv=None):
         for b in range(n_batches):
             if b in chunks:
                 continue
-            chunks[b] = make_candidates(unet, x_train[b * A:(b + 1) * A], K, s["w"], s, abar, b, device)
+            chunks[b] = make_candidates(unet, x_train[b * A:(b + 1) * A], K, s["w"], s, abar, b, device, amp)
             atomic_save({"images": chunks[b]}, chunk_path(b))   # the .cpu() above waited for the GPU
             done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
             if time.perf_counter() - last_print > 10 or done == N:   # a line every ~10 s
@@ -290,7 +294,7 @@ def main(argv=None):
         real = x_train[idx].cpu()
         save_grid(torch.cat([real[:, None], images[idx]], 1).flatten(0, 1), args.preview, nrow=1 + K)
         # The w sweep: the same random streams in every column (batch index -1), so only w changes.
-        sweep = [make_candidates(unet, x_train[idx], 1, w, s, abar, -1, device)[:, 0] for w in SWEEP_W]
+        sweep = [make_candidates(unet, x_train[idx], 1, w, s, abar, -1, device, amp)[:, 0] for w in SWEEP_W]
         save_grid(torch.stack([real] + sweep, 1).flatten(0, 1), args.sweep, nrow=1 + len(SWEEP_W))
     except KeyboardInterrupt:
         fail(f"interrupted with {done}/{N} anchors done; the finished batches are kept in {parts}: "

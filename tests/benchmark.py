@@ -1,18 +1,20 @@
 """Speed benchmark of the four stages: the fast path each script takes against the plain path a typical
 implementation takes, on random data of the real shapes, in one run, so every speed-up is a measured ratio.
 
-    python tests/benchmark.py                    # on the GPU: real sizes (about 2-3 minutes on an H100)
+    python tests/benchmark.py                    # on the GPU: the real sizes
     python tests/benchmark.py --compile          # also the torch.compile variant of each fast path
     python tests/benchmark.py --device cpu       # tiny sizes, seconds: checks that it runs (tests do this)
 
 For each stage it prints images/s, the achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter, in
-fp32 terms: a bf16 multiply-add counts the same as an fp32 one), MFU against the GPU's dense bf16 peak,
-and peak memory; and, for the same batch, the loss (or output) of the fast and the plain path, which
-must agree within bf16 tolerance: the fast path computes the same function. Stage 3 also times the
-augmentation alone (its share of a step) and the checkpoint clsp.py writes every epoch.
+fp32 terms: a bf16 multiply-add counts the same as an fp32 one), MFU against the GPU's dense bf16 peak
+(fp16 on GPUs without bf16 tensor cores) and peak memory; and, for the same batch, the loss (or output)
+of the fast and the plain path, which must agree within bf16 tolerance: the fast path computes the
+same function. Stage 3 also times the augmentation alone (its share of a step) and the checkpoint
+clsp.py writes every epoch.
 
-  fast  = what the scripts do: bf16 autocast, channels_last, data on the GPU as uint8, batched GPU
-          augmentation (stage 3), optionally torch.compile.
+  fast  = what the scripts do: bf16 autocast (fp16 before Ampere, as --precision auto does),
+          channels_last, data on the GPU as uint8, batched GPU augmentation (stage 3), optionally
+          torch.compile.
   plain = fp32, NCHW, no compile; for stage 3 a DataLoader with torchvision's transforms on CPU workers.
 
 Not collected by pytest (its name does not start with test_); tests/test_benchmark.py runs the CPU mode.
@@ -83,13 +85,19 @@ class Table:
 
 
 def variants(model, device, compile_too):
-    """(name, module, autocast?, layout) for the plain path, the fast path and optionally compiled."""
+    """(name, module, autocast dtype or None, layout) for the plain path, the fast path and optionally
+    compiled. The fast path's dtype is the scripts' --precision auto: bf16, or fp16 on pre-Ampere GPUs."""
+    amp = ddpm.autocast_dtype("auto", device)
     fast_layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    out = [("plain fp32", model, False, torch.contiguous_format),
-           ("fast", model, device.type == "cuda", fast_layout)]
+    fast = "fast" + (f" ({str(amp).replace('torch.', '')})" if amp else "")
+    out = [("plain fp32", model, None, torch.contiguous_format), (fast, model, amp, fast_layout)]
     if compile_too:
-        out.append(("fast+compile", torch.compile(model), device.type == "cuda", fast_layout))
+        out.append((fast + "+compile", torch.compile(model), amp, fast_layout))
     return out
+
+
+def autocast(device, amp):
+    return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,7 +106,6 @@ def bench_ddpm(table, device, sz, compile_too):
     """Stage 1: one training step (forward, backward, Adam) at the training batch."""
     torch.manual_seed(0)
     unet = ddpm.UNet(ch=sz["ch"], ch_mult=sz["ch_mult"], attn_res=sz["attn_res"], image_size=sz["img"]).to(device)
-    opt = torch.optim.Adam(unet.parameters(), lr=1e-12)      # a tiny lr: the weights barely move
     abar = ddpm.make_schedule().to(device)
     B = sz["ddpm_batch"]
     x0 = torch.rand(B, 3, sz["img"], sz["img"], device=device) * 2 - 1
@@ -108,16 +115,23 @@ def bench_ddpm(table, device, sz, compile_too):
     unet.eval()                                              # dropout off: both paths see the same function
     flops = ddpm.count_flops(lambda: F.mse_loss(unet(x_t, t), eps).backward())
     losses = {}
-    for name, m, bf16, layout in variants(unet, device, compile_too):
+    for name, m, amp, layout in variants(unet, device, compile_too):
         unet.to(memory_format=layout)
+        # A fresh optimiser after the layout change, as ddpm.py makes it: Adam's state then has the
+        # weights' strides, which its fused multi-tensor kernels need (else one launch per tensor).
+        opt = torch.optim.Adam(unet.parameters(), lr=1e-12)  # a tiny lr: the weights barely move
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)   # as ddpm.py
         xl = x_t.contiguous(memory_format=layout)
 
         def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(device, amp):
                 loss = F.mse_loss(m(xl, t).float(), eps)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
             return loss
         losses[name] = step().item()
         sec = timed(step, sz["iters"], sz["warmup"], device)
@@ -137,16 +151,18 @@ def bench_generate(table, device, sz, compile_too):
     with torch.no_grad():
         flops = ddpm.count_flops(lambda: generate.interpolated_eps(unet, x, xa, t, 0.1))
     outs = {}
-    for name, m, bf16, layout in variants(unet, device, False) + (
+    plain, fast = variants(unet, device, False)
+    for name, m, amp, layout in [plain, fast] + (
             # generate.py compiles encode and decode separately (the sampler calls them separately)
-            [("fast+compile", SimpleNamespace(encode=torch.compile(unet.encode), decode=torch.compile(unet.decode)),
-              True, torch.channels_last)] if compile_too else []):
+            [(fast[0] + "+compile", SimpleNamespace(encode=torch.compile(unet.encode),
+                                                    decode=torch.compile(unet.decode)), fast[2], fast[3])]
+            if compile_too else []):
         unet.to(memory_format=layout)
         xl, xal = x.contiguous(memory_format=layout), xa.contiguous(memory_format=layout)
 
         @torch.no_grad()
         def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(device, amp):
                 return generate.interpolated_eps(m, xl, xal, t, 0.1)
         outs[name] = step()
         sec = timed(step, sz["iters"], sz["warmup"], device)
@@ -160,13 +176,13 @@ def bench_clsp(table, device, sz, compile_too):
     torch.manual_seed(0)
     B, S, N, K = sz["clsp_batch"], sz["img"], sz["clsp_images"], 2
     net = nn.Sequential(clsp.make_backbone(), clsp.make_head()).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-12, momentum=0.9, weight_decay=1e-4)
+    new_opt = lambda: torch.optim.SGD(net.parameters(), lr=1e-12, momentum=0.9, weight_decay=1e-4)
     x_train = torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8, device=device)
     synthetic = torch.randint(0, 256, (N, K, 3, S, S), dtype=torch.uint8, device=device)
     mean, std = torch.tensor([0.49, 0.48, 0.45], device=device), torch.tensor([0.25, 0.24, 0.26], device=device)
 
-    def loss_of(views, m, bf16):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    def loss_of(views, m, amp):
+        with autocast(device, amp):
             z = m(views)
         z = F.normalize(z.float(), dim=1)
         return clsp.total_loss(z[:B], z[B:2 * B], z[2 * B:], 1.0, 0.2)[0]
@@ -177,13 +193,15 @@ def bench_clsp(table, device, sz, compile_too):
     idx = torch.randperm(N, device=device)[:B]
     fixed = clsp.augment(torch.cat([x_train[idx], x_train[idx], clsp.pick_candidates(synthetic, idx)]), S,
                          mean, std, generator=g)
-    flops = ddpm.count_flops(lambda: loss_of(fixed, net, False).backward())
+    flops = ddpm.count_flops(lambda: loss_of(fixed, net, None).backward())
     net.zero_grad(set_to_none=True)
     ref = None
-    for name, m, bf16, layout in variants(net, device, compile_too):
+    for name, m, amp, layout in variants(net, device, compile_too):
         net.to(memory_format=layout)
+        opt = new_opt()                                      # its momentum in the weights' layout
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)   # as clsp.py
         with torch.no_grad():
-            same = loss_of(fixed.contiguous(memory_format=layout), m, bf16).item()
+            same = loss_of(fixed.contiguous(memory_format=layout), m, amp).item()
         ref = same if ref is None else ref
         if name == "plain fp32":
             continue                                         # the plain path below uses a DataLoader
@@ -191,10 +209,11 @@ def bench_clsp(table, device, sz, compile_too):
         def step():
             i = torch.randint(0, N, (B,), device=device)
             views = clsp.augment(torch.cat([x_train[i], x_train[i], clsp.pick_candidates(synthetic, i)]), S, mean, std)
-            loss = loss_of(views.contiguous(memory_format=layout), m, bf16)
+            loss = loss_of(views.contiguous(memory_format=layout), m, amp)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         sec = timed(step, sz["iters"], sz["warmup"], device)
         table.add("3 CLSP step", name, 3 * B, sec, flops, f"loss {same:.5f} (plain {ref:.5f})")
 
@@ -236,6 +255,7 @@ def bench_clsp(table, device, sz, compile_too):
     loader = torch.utils.data.DataLoader(Views(), batch_size=B, shuffle=True, drop_last=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     net.to(memory_format=torch.contiguous_format)
+    opt = new_opt()
     it = iter(loader)
 
     def plain_step():
@@ -246,7 +266,7 @@ def bench_clsp(table, device, sz, compile_too):
             it = iter(loader)
             v1, v2, s = next(it)
         views = torch.cat([v1, v2, s]).to(device, non_blocking=True)
-        loss = loss_of(views, net, False)
+        loss = loss_of(views, net, None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -263,13 +283,13 @@ def bench_features(table, device, sz, compile_too):
     with torch.no_grad():
         flops = ddpm.count_flops(lambda: net(x))
     outs = {}
-    for name, m, bf16, layout in variants(net, device, compile_too):
+    for name, m, amp, layout in variants(net, device, compile_too):
         net.to(memory_format=layout)
         xl = x.contiguous(memory_format=layout)
 
         @torch.no_grad()
         def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(device, amp):
                 return m(xl).float()
         outs[name] = step()
         sec = timed(step, sz["iters"], sz["warmup"], device)

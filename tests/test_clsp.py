@@ -296,6 +296,22 @@ def test_lam0_needs_no_ddpm_or_synthetic(tmp_path):
     assert ckpt["synthetic"] is None and ckpt["finished"] and ckpt["settings"]["lam"] == 0.0
 
 
+def test_fp16_trains_with_loss_scaling_and_resumes_it_exactly(tmp_path):
+    # fp16 (what --precision auto picks on a T4 or V100) trains through a GradScaler, whose state (the
+    # scale, cut at each overflow) is checkpointed: a resumed run ends with the same scale and weights.
+    # Four images, one step per epoch, lam 0, no kNN: fp16 convolutions are very slow on a CPU.
+    make_image_folder(str(tmp_path / "data"), n_train=1, n_test=1, size=8)
+    fp16 = [*SMALL, "--batch-size", "4", "--precision", "fp16", "--lam", "0", "--dataset", "folder",
+            "--data-dir", "data", "--knn-every", "0"]
+    proc = run("clsp.py", *fp16, "--out", "runs/whole.pt", cwd=tmp_path)
+    assert "autocast torch.float16" in proc.stdout
+    run("clsp.py", *fp16, "--out", "runs/parts.pt", "--stop-after-epoch", "1", cwd=tmp_path, check=False)
+    run("clsp.py", *fp16, "--out", "runs/parts.pt", "--resume", cwd=tmp_path)
+    whole, parts = (torch.load(tmp_path / "runs" / f, weights_only=True) for f in ("whole.pt", "parts.pt"))
+    assert whole["scaler"]["scale"] > 0 and whole["scaler"] == parts["scaler"]
+    assert all(torch.equal(whole["backbone"][k], parts["backbone"][k]) for k in whole["backbone"])
+
+
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(small, tmp_path, monkeypatch):
     root = copy_dir(small[0], tmp_path)
     msg = main_in(root, monkeypatch, *SMALL, "--out", "runs/b.pt", "--stop-after-epoch", "1")

@@ -3,7 +3,6 @@ where a GPU is present: CI has none, so these are skipped there; run `python -m 
 on a GPU machine."""
 
 import json
-import os
 
 import pytest
 import torch

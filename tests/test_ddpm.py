@@ -169,9 +169,29 @@ def test_cli_tiny_writes_a_safe_artifact_and_a_picture(chain):
     assert ckpt["step"] == ckpt["settings"]["steps"] == 20 and ckpt["finished"]
     assert ckpt["data"] == dict(dataset="folder", image_size=16, num_classes=4, num_train=64)
     assert set(ckpt["ema"]) == set(ckpt["model"])
+    assert ckpt["scaler"] == {}                        # fp32 on a CPU: no loss scaling
     from PIL import Image
     img = Image.open(os.path.join(root, "runs", "ddpm_samples.png"))
     assert img.size == (8 * 18 + 2, 8 * 18 + 2)        # 8x8 tiles of 16 px with 2-px borders
+
+
+def test_autocast_dtype_follows_the_gpu(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")   # a device object needs no GPU
+    assert ddpm.autocast_dtype("auto", cpu) is None
+    for capability, dtype in [((7, 0), torch.float16), ((7, 5), torch.float16),      # V100, T4
+                              ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:   # A100, H100
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert ddpm.autocast_dtype("auto", gpu) == dtype
+    assert [ddpm.autocast_dtype(p, gpu) for p in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, None]
+
+
+def test_fp16_training_scales_the_loss(tmp_path, tiny_data):
+    # fp16 (what --precision auto picks on a T4 or V100) trains through a GradScaler; on the CPU too.
+    proc = run("ddpm.py", *tiny(tiny_data, "--precision", "fp16", "--steps", "2", "--batch-size", "4",
+                                "--sample-steps", "1"), cwd=tmp_path)
+    assert "autocast torch.float16" in proc.stdout
+    scaler = torch.load(tmp_path / "runs" / "ddpm.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] == 2.0 ** 16 and scaler["_growth_tracker"] == 2    # two steps, no overflow
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, tiny_data):

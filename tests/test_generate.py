@@ -6,7 +6,6 @@ tiny chain (`python ddpm.py --preset tiny ...` then `python generate.py --preset
 """
 
 import os
-import shutil
 
 import numpy as np
 import pytest
