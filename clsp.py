@@ -41,7 +41,7 @@ import torchvision
 
 from ddpm import (PRECISIONS, Progress, StopFlag, atomic_save, autocast_dtype, count_flops, data_info,
                   epoch_order, fail, load_artifact, load_dataset, load_for_resume, peak_flops, pick_device,
-                  refuse_to_overwrite, resolve_settings, restore_rng_state, rng_state)
+                  refuse_to_overwrite, resolve_settings, restore_rng_state, rng_state, run_main)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -520,8 +520,9 @@ def main(argv=None):
             raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
                              f"saved {args.out}: continue with `python clsp.py --resume --out {args.out}`")
     stop.release()
-    print(f"wrote {args.out} ({s['epochs']} epochs)", flush=True)
+    print(f"wrote {args.out} ({s['epochs']} epoch{'s' * (s['epochs'] != 1)})", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:], "rerun with a smaller --batch-size (the learning rate scales with it; "
+                                 "a saved checkpoint is kept)")

@@ -74,6 +74,15 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def run_main(main, argv, oom_hint):
+    """main(argv), with the GPU running out of memory (a smaller GPU than the preset assumes, or another
+    program on it) turned into one sentence that says what to change, instead of a CUDA traceback."""
+    try:
+        main(argv)
+    except torch.cuda.OutOfMemoryError:
+        fail(f"out of GPU memory (nvidia-smi shows what else uses it); {oom_hint}")
+
+
 def resolve_settings(args, defaults, presets):
     """settings = defaults <- preset <- every flag the user gave explicitly (argparse default None)."""
     if args.preset not in presets:
@@ -748,4 +757,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:], "rerun with a smaller --batch-size (a saved checkpoint is kept)")

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddpm import (PRECISIONS, Progress, autocast_dtype, data_info, fail, load_artifact, load_dataset, pick_device,
-                  resolve_settings)
+                  resolve_settings, run_main)
 from clsp import augment, channel_stats, make_backbone   # the ResNet-18, its augmentation and its
                                                            # normalisation are written once, in clsp.py
 
@@ -372,6 +372,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
+        run_main(main, sys.argv[1:], "rerun with a smaller --batch-size (it only sets the feature batches)")
     except KeyboardInterrupt:   # nothing is written before the end, so there is nothing to clean up
         raise SystemExit("interrupted; no eval.json was written (an existing one is untouched): run it again")

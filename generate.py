@@ -39,7 +39,7 @@ import torch
 
 from ddpm import (PRECISIONS, Progress, atomic_save, autocast_dtype, build_unet, count_flops, ddim_step,
                   ddim_timesteps, data_info, fail, load_artifact, load_dataset, make_schedule, peak_flops,
-                  pick_device, q_sample, refuse_to_overwrite, resolve_settings, save_grid, to_uint8)
+                  pick_device, q_sample, refuse_to_overwrite, resolve_settings, run_main, save_grid, to_uint8)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -331,4 +331,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:], "rerun with a smaller --batch-size")

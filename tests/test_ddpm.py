@@ -175,6 +175,13 @@ def test_cli_tiny_writes_a_safe_artifact_and_a_picture(chain):
     assert img.size == (8 * 18 + 2, 8 * 18 + 2)        # 8x8 tiles of 16 px with 2-px borders
 
 
+def test_out_of_gpu_memory_is_one_sentence_that_says_what_to_change():
+    def main(argv):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(SystemExit, match=r"^error: out of GPU memory .*; rerun with a smaller --batch-size$"):
+        ddpm.run_main(main, [], "rerun with a smaller --batch-size")
+
+
 def test_autocast_dtype_follows_the_gpu(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")   # a device object needs no GPU
     assert ddpm.autocast_dtype("auto", cpu) is None
