@@ -454,7 +454,8 @@ def main(argv=None):
 
     def save(final=False):
         atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(),
-                         scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step, settings=s, data=info, classes=classes,
+                         scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step, settings=s,
+                         data=info, classes=classes,
                          synthetic=None if syn is None else made_from(syn, s["synthetic"]),
                          norm=dict(mean=mean, std=std), finished=final,
                          num_params=dict(backbone=n_backbone, head=n_head), **rng_state(device)),

@@ -667,7 +667,8 @@ def main(argv=None):
     abar = make_schedule(s["T"], s["beta_1"], s["beta_T"]).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"UNet: {n_params / 1e6:.2f} M parameters (ch {s['ch']}, ch_mult {tuple(s['ch_mult'])}); "
-          f"{N} training images of {info['dataset']}; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
+          f"{N} training images of {info['dataset']}; device {device}, autocast {amp or 'off (fp32)'}",
+          flush=True)
 
     # FLOPs of one training step (forward + backward), counted once on a single image, for MFU.
     def one_image_step():
@@ -691,8 +692,8 @@ def main(argv=None):
 
     def save(final=False):
         atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                         scaler=scaler.state_dict(), step=step, settings=s, data=info, classes=classes, finished=final,
-                         num_params=n_params, **rng_state(device)),
+                         scaler=scaler.state_dict(), step=step, settings=s, data=info, classes=classes,
+                         finished=final, num_params=n_params, **rng_state(device)),
                     args.out)
 
     steps_per_epoch = N // B                    # drop the last partial batch, like drop_last=True
