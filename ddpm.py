@@ -13,7 +13,7 @@ features h) and `decode` (up path), because stage 2 (`generate.py`) interpolates
 and a real "anchor" image.
 
     python ddpm.py                                   # standard preset: CIFAR-10, ch 64 UNet
-    python ddpm.py --preset quick                    # a few minutes on one H100-class GPU
+    python ddpm.py --preset quick                    # meant to take a few minutes on one H100
     python ddpm.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
     python ddpm.py --resume                          # continue an interrupted run
 
@@ -61,7 +61,7 @@ PRESETS = {
     # (16x16 images: a 2-core CPU trains ~25 images/s at 32x32 even with this toy UNet)
     "tiny": dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=8, batch_size=16,
                  steps=20, warmup=10, ema_decay=0.9, sample_steps=5, log_every=5, save_every=10),
-    # a few minutes on one H100: recognisable CIFAR-like samples, enough for the `quick` pipeline
+    # meant for a few minutes on one H100 (not yet measured), enough for the `quick` pipeline
     "quick": dict(steps=8_000, warmup=1000, ema_decay=0.999, save_every=2000),
     "standard": dict(),
     # the authors' settings: the 35.7 M UNet of Ho et al., global batch 512 for ~200k steps
@@ -112,9 +112,9 @@ def autocast_dtype(precision, device):
     """--precision -> the dtype autocast runs convolutions and matmuls in, or None for plain fp32.
 
     auto: bf16 on a GPU with bf16 tensor cores (compute capability 8.0 and up: A100, H100, L4, RTX 30xx
-    and 40xx), about twice fp32's throughput with fp32's range, so nothing else changes. Older GPUs
-    (T4, V100, RTX 20xx) only emulate bf16, slower than fp32, but have fp16 tensor cores: there auto
-    means fp16, whose small range needs loss scaling in training (the GradScaler in the training
+    and 40xx), with fp32's range, so nothing else changes. Older GPUs (T4, V100, RTX 20xx) have no bf16
+    tensor cores (PyTorch emulates bf16 there; public reports find it slower than fp32) but do have
+    fp16 ones: there auto means fp16, whose small range needs loss scaling in training (the GradScaler in the training
     loops; it does nothing in bf16 or fp32). On a CPU, auto is fp32."""
     if precision == "auto":
         if device.type != "cuda":
@@ -604,7 +604,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster on a GPU after ~1 min of compiling)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (tests/benchmark.py --compile times it)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final step")
     p.add_argument("--out", default="runs/ddpm.pt", help="the checkpoint / artifact to write (default: %(default)s)")
     p.add_argument("--samples", default="runs/ddpm_samples.png", help="the sample grid to write (default: %(default)s)")

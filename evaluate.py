@@ -11,7 +11,7 @@ features. CLSP reports both of the usual classifiers; we follow the authors' rec
           batch 256, 100 epochs, lr x0.1 at epochs 60 and 80, horizontal flips as the only augmentation;
           the last epoch's test top-1. The backbone never changes, so we compute the features of every
           training image and of its mirror image once, and each epoch pick one of the two per image with
-          p 0.5: exactly the authors' protocol, in seconds instead of 100 passes through a ResNet.
+          p 0.5: exactly the authors' protocol, without 100 passes through a ResNet.
 
 When runs/synthetic.pt is there, it also measures the synthetic positives in the backbone's space: how
 close a candidate is to its anchor (cosine) next to how close two augmented views of one image are (how
@@ -62,7 +62,7 @@ DEFAULTS = dict(
 )
 PRESETS = {
     "tiny": dict(probe_epochs=5, probe_batch_size=16, batch_size=64, diag_anchors=8, log_every=1),
-    "quick": dict(),      # the full protocol: on precomputed features it takes seconds
+    "quick": dict(),      # the full protocol: cheap on precomputed features
     "standard": dict(),
     "paper": dict(),
 }

@@ -8,9 +8,9 @@ implementation takes, on random data of the real shapes, in one run, so every sp
 For each stage it prints images/s, the achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter, in
 fp32 terms: a bf16 multiply-add counts the same as an fp32 one), MFU against the GPU's dense bf16 peak
 (fp16 on GPUs without bf16 tensor cores) and peak memory; and, for the same batch, the loss (or output)
-of the fast and the plain path, which must agree within bf16 tolerance: the fast path computes the
-same function. Stage 3 also times the augmentation alone (its share of a step) and the checkpoint
-clsp.py writes every epoch.
+of the fast and the plain path side by side: they should agree within bf16 tolerance, since the fast
+path computes the same function (tests/test_benchmark.py asserts it on the CPU). Stage 3 also times
+the augmentation alone (its share of a step) and the checkpoint clsp.py writes every epoch.
 
   fast  = what the scripts do: bf16 autocast (fp16 before Ampere, as --precision auto does),
           channels_last, data on the GPU as uint8, batched GPU augmentation (stage 3), optionally
