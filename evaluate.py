@@ -31,6 +31,7 @@ Time:   the tiny preset takes seconds on a CPU. On a GPU the cost is one forward
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -340,7 +341,7 @@ def main(argv=None):
                  ("candidates whose kNN class = anchor's label", f"{diag['candidate_label_agreement']:6.2f} %"),
                  ("augmented views whose kNN class = label", f"{diag['view_label_agreement']:6.2f} %")]
     width = max(len(r[0]) for r in rows)
-    print(f"\nevaluation of {args.checkpoint} ({method}, lam {lam}, {ckpt.get('epoch')} epochs) on {tag}")
+    print(f"\nevaluation of {args.checkpoint} ({method}, lam {lam}, epoch {ckpt.get('epoch')}) on {tag}")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     print("  kNN top-1 by k, chosen on the test set (optimistic): "
@@ -368,6 +369,28 @@ def main(argv=None):
         if os.path.exists(tmp):
             os.remove(tmp)
     print(f"\nwrote {args.out} in {times['total']:.1f} s", flush=True)
+    print_all_results(os.path.dirname(os.path.abspath(args.out)))
+
+
+def print_all_results(folder):
+    """Every eval*.json in the folder as one Markdown table: after the README's quick block,
+    runs/eval.json (CLSP) and runs/eval_lam0.json (SimCLR) side by side, ready for a report."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "eval*.json"))):
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            c = r["made_from"]["checkpoint"]
+            rows.append((os.path.basename(path), c["path"], "SimCLR" if c["lam"] == 0 else f"CLSP, lam {c['lam']}",
+                         str(c["epoch"]), r["data"]["dataset"], f"{r['knn_top1']:.2f}", f"{r['linear_top1']:.2f}"))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue                                       # not an evaluate.py result: left out
+    if len(rows) > 1:
+        print(f"\nall results in {folder}:\n")
+        print("| file | checkpoint | method | epochs | evaluated on | kNN top-1 % | linear top-1 % |")
+        print("|---|---|---|---|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -169,10 +169,16 @@ def test_transfer_to_another_data_set(chain, tmp_path):
     other = make_image_folder(str(tmp_path / "other"), seed=1)
     for split in ("train", "test"):
         shutil.rmtree(os.path.join(other, split, "class3"))
-    runs = os.path.join(chain.upto("clsp.py"), "runs")
-    run("evaluate.py", "--preset", "tiny", "--dataset", "folder", "--data-dir", other,
-        "--checkpoint", os.path.join(runs, "clsp.pt"), "--synthetic", os.path.join(runs, "synthetic.pt"),
-        cwd=tmp_path)
+    runs = os.path.join(chain.upto("evaluate.py"), "runs")
+    (tmp_path / "runs").mkdir()
+    shutil.copy(os.path.join(runs, "eval.json"), tmp_path / "runs" / "eval_same_data.json")
+    (tmp_path / "runs" / "eval_junk.json").write_text('{"old": 1}')
+    proc = run("evaluate.py", "--preset", "tiny", "--dataset", "folder", "--data-dir", other,
+               "--checkpoint", os.path.join(runs, "clsp.pt"), "--synthetic", os.path.join(runs, "synthetic.pt"),
+               cwd=tmp_path)
+    # Both results, this one and the one already in runs/, end the output as one table; junk is skipped.
+    table = proc.stdout[proc.stdout.index("all results in"):]
+    assert "| eval.json |" in table and "| eval_same_data.json |" in table and "junk" not in table
     result = check_eval_json(tmp_path / "runs" / "eval.json")
     assert result["transfer"] is True
     assert result["data"]["num_classes"] == 3 and result["data"]["num_train"] == 48
