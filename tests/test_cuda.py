@@ -1,6 +1,6 @@
-"""The CUDA paths (bf16 autocast, channels_last, CUDA generators and RNG state, torch.compile), run only
-where a GPU is present: CI has none, so these are skipped there; run `python -m pytest tests/test_cuda.py`
-on a GPU machine."""
+"""The CUDA paths (bf16 and fp16 autocast, channels_last, CUDA generators and RNG state, torch.compile),
+run only where a GPU is present: CI has none, so these are skipped there; run
+`python -m pytest tests/test_cuda.py` on a GPU machine."""
 
 import json
 
@@ -12,11 +12,12 @@ from conftest import run
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compile"])
-def test_tiny_chain_on_the_gpu(tmp_path, tiny_data, compile_flag):
+@pytest.mark.parametrize("extra_flags", [[], ["--compile"], ["--precision", "fp16"]],
+                         ids=["eager", "compile", "fp16"])   # fp16 + GradScaler: what a T4 or V100 runs
+def test_tiny_chain_on_the_gpu(tmp_path, tiny_data, extra_flags):
     flags = ["--preset", "tiny", "--dataset", "folder", "--data-dir", tiny_data, "--device", "cuda"]
-    for script, extra in (("ddpm.py", compile_flag), ("generate.py", compile_flag), ("clsp.py", compile_flag),
-                          ("evaluate.py", [])):
+    for script in ("ddpm.py", "generate.py", "clsp.py", "evaluate.py"):
+        extra = [] if script == "evaluate.py" and "--compile" in extra_flags else extra_flags
         run(script, *flags, *extra, cwd=tmp_path, gpu=True)
     result = json.load(open(tmp_path / "runs" / "eval.json"))
     assert result["device"].startswith("cuda") and 0 <= result["knn_top1"] <= 100
