@@ -41,7 +41,7 @@ import torchvision
 
 from ddpm import (PRECISIONS, Progress, StopFlag, atomic_save, autocast_dtype, count_flops, data_info,
                   epoch_order, fail, load_artifact, load_dataset, load_for_resume, peak_flops, pick_device,
-                  refuse_to_overwrite, resolve_settings, restore_rng_state, rng_state, run_main)
+                  refuse_to_overwrite, resolve_settings, restore_training_state, run_main, training_state)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -436,29 +436,25 @@ def main(argv=None):
     if ckpt is not None:
         backbone.load_state_dict(ckpt["backbone"])
         head.load_state_dict(ckpt["head"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        restore_rng_state(ckpt, device)
+        step = restore_training_state(ckpt, opt, scaler, device)
         print(f"resuming {args.out} at epoch {ckpt['epoch']}/{s['epochs']} (step {step})", flush=True)
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN pick its fastest kernels
     # --compile compiles the network and, separately, apply_augment: eager, its ~290 small operations
-    # each read and write the whole batch; compiled, inductor can fuse the elementwise ones. The random parameters
-    # stay eager, so a compiled run draws the very augmentations an eager run draws. (What each buys on
-    # a GPU is not yet measured; `tests/benchmark.py --compile` times both.)
+    # each read and write the whole batch; compiled, inductor can fuse the elementwise ones. The random
+    # parameters stay eager, so a compiled run draws the very augmentations an eager run draws. (What
+    # each buys on a GPU is not yet measured; `tests/benchmark.py --compile` times both.)
     train_net = torch.compile(net) if args.compile else net
     augment_batch = torch.compile(apply_augment) if args.compile else apply_augment
 
     def save(final=False):
-        atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(),
-                         scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step, settings=s,
-                         data=info, classes=classes,
+        atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), epoch=step // steps_per_epoch,
+                         step=step, settings=s, data=info, classes=classes,
                          synthetic=None if syn is None else made_from(syn, s["synthetic"]),
                          norm=dict(mean=mean, std=std), finished=final,
-                         num_params=dict(backbone=n_backbone, head=n_head), **rng_state(device)),
+                         num_params=dict(backbone=n_backbone, head=n_head),
+                         **training_state(opt, scaler, device)),
                     args.out)
 
     progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,

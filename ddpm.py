@@ -445,16 +445,23 @@ def load_artifact(path, made_by):
              f"another program: delete it and run `python {made_by}` again")
 
 
-def rng_state(device):
-    """The random streams a resumed run must continue exactly: the CPU's, and the GPU's when on one."""
-    return dict(rng_cpu=torch.get_rng_state(),
+def training_state(opt, scaler, device):
+    """What a resumed run must continue besides the weights (stages 1 and 3 save it every time): the
+    optimiser's state (momentum, Adam's moments), the fp16 loss scale, and the random streams, the
+    CPU's and the GPU's when on one."""
+    return dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng_cpu=torch.get_rng_state(),
                 **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
 
 
-def restore_rng_state(ckpt, device):
+def restore_training_state(ckpt, opt, scaler, device):
+    """The inverse of training_state, after the weights are loaded; returns the step to continue from."""
+    opt.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):   # fp16 only: a bf16 or fp32 run saves an empty one
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and "rng_cuda" in ckpt:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+    return ckpt["step"]
 
 
 def epoch_order(N, seed, epoch, device):
@@ -681,19 +688,15 @@ def main(argv=None):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        restore_rng_state(ckpt, device)
+        step = restore_training_state(ckpt, opt, scaler, device)
         print(f"resuming {args.out} at step {step}/{s['steps']}", flush=True)
 
     train_model = torch.compile(model) if args.compile else model
 
     def save(final=False):
-        atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                         scaler=scaler.state_dict(), step=step, settings=s, data=info, classes=classes,
-                         finished=final, num_params=n_params, **rng_state(device)),
+        atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), step=step, settings=s, data=info,
+                         classes=classes, finished=final, num_params=n_params,
+                         **training_state(opt, scaler, device)),
                     args.out)
 
     steps_per_epoch = N // B                    # drop the last partial batch, like drop_last=True
