@@ -381,8 +381,9 @@ def print_all_results(folder):
             with open(path) as f:
                 r = json.load(f)
             c = r["made_from"]["checkpoint"]
-            rows.append((os.path.basename(path), c["path"], "SimCLR" if c["lam"] == 0 else f"CLSP, lam {c['lam']}",
-                         str(c["epoch"]), r["data"]["dataset"], f"{r['knn_top1']:.2f}", f"{r['linear_top1']:.2f}"))
+            method = "SimCLR" if c["lam"] == 0 else f"CLSP, lam {c['lam']}"
+            rows.append((os.path.basename(path), c["path"], method, str(c["epoch"]), r["data"]["dataset"],
+                         f"{r['knn_top1']:.2f}", f"{r['linear_top1']:.2f}"))
         except (OSError, ValueError, KeyError, TypeError):
             continue                                       # not an evaluate.py result: left out
     if len(rows) > 1:

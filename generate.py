@@ -62,9 +62,10 @@ PRESETS = {
     # seconds on a CPU with the tiny DDPM (16x16 images, 0.7 M parameters, 64 images); numbers mean nothing
     "tiny": dict(K=2, S=5, batch_size=32, preview_anchors=4),
     # part of the ~10 minute pipeline. K = 2 gives about half of the gain of K = 8 in the authors' K
-    # ablation on CIFAR-10 (linear 92.24 at K = 1, 93.29 at K = 2, 94.37 at K = 8), less on CIFAR-100; S = 25 DDIM steps loses little
-    # (Song et al., CIFAR-10 FID at eta 0: 6.84 with 20 steps, 4.16 with 100). 50,000 x 2 x 25 = 2.5 M
-    # sampler steps: a minute or two on an H100 (a reasoned guess, not yet measured).
+    # ablation on CIFAR-10 (linear 92.24 at K = 1, 93.29 at K = 2, 94.37 at K = 8), less on CIFAR-100.
+    # S = 25 DDIM steps loses little (Song et al., CIFAR-10 FID at eta 0: 6.84 with 20 steps, 4.16 with
+    # 100). 50,000 x 2 x 25 = 2.5 M sampler steps: a minute or two on an H100 (a reasoned guess, not yet
+    # measured).
     "quick": dict(K=2, S=25),
     "standard": dict(),
     "paper": dict(),    # the standard preset already is the authors' recipe (their bigger UNet is ddpm.py's)
