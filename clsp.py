@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from ddpm import (PRECISIONS, Progress, StopFlag, atomic_save, autocast_dtype, count_flops, data_info,
+from ddpm import (PRECISIONS, Progress, StopFlag, atomic_save, autocast_dtype, compile_enabled, count_flops, data_info,
                   epoch_order, fail, load_artifact, load_dataset, load_for_resume, peak_flops, pick_device,
                   refuse_to_overwrite, resolve_settings, restore_training_state, run_main, training_state)
 
@@ -239,6 +239,43 @@ def channel_stats(x):
 
 
 # ------------------------------------------------------------------------------------------------
+# One training step.
+# ------------------------------------------------------------------------------------------------
+
+def make_train_step(net, opt, scaler, amp, compiled, lam, tau, mean, std, layout):
+    """train_step(x, s) -> (L_simclr, L_clsp): one SGD step on the uint8 real images x [B, 3, H, W] and
+    their picked candidates s [B, 3, H, W] (None when lam = 0). Used by the loop below and by
+    tests/benchmark.py. The learning rate is the caller's (it sets opt.param_groups)."""
+    # Compiled (the default on a GPU): the network and, separately, apply_augment, whose ~290 small
+    # operations each read and write the whole batch eagerly; inductor fuses the elementwise ones. The
+    # random parameters stay eager, so a compiled run draws the very augmentations an eager run draws.
+    # (What each buys on a GPU is not yet measured; `tests/benchmark.py` times both.)
+    forward = torch.compile(net) if compiled else net
+    augment_views = torch.compile(apply_augment) if compiled else apply_augment
+
+    def train_step(x, s):
+        B, H, W = x.shape[0], x.shape[2], x.shape[3]
+        # [v1; v2; s]: the real batch twice and one candidate per image, all augmented in one call with
+        # independent parameters per image, so v1 and v2 differ.
+        raw = torch.cat([x, x] + ([s] if s is not None else []))          # uint8 [V*B, 3, H, W]
+        p = sample_augment_params(raw.shape[0], H, W, x.device)           # augment() in two steps
+        views = augment_views(raw, p, H, mean, std).contiguous(memory_format=layout)
+        # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and s together.
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            z = forward(views)
+        z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
+        z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if s is not None else None)
+        loss, l_simclr, l_clsp = total_loss(z1, z2, z3, lam, tau)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()              # fp16 only: loss scaling; otherwise plain backward()
+        scaler.step(opt)
+        scaler.update()
+        return l_simclr.detach(), l_clsp.detach()
+
+    return train_step
+
+
+# ------------------------------------------------------------------------------------------------
 # A quick kNN monitor (evaluate.py does the real evaluation): cosine similarity of L2-normalised
 # backbone features; the k nearest training images vote for their class with weight exp(sim / T).
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +331,8 @@ def parse_args(argv=None):
     p.add_argument("--knn-every", type=int, help="print a quick kNN top-1 on the test split every N epochs; 0: never")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network and the augmentation (tests/benchmark.py --compile times it)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the network and the augmentation (default: on with a CUDA GPU, off on a CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
     p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write (default: %(default)s)")
     # For tests of --resume: behave exactly as if Ctrl-C were pressed right after epoch N is saved.
@@ -441,12 +479,8 @@ def main(argv=None):
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN pick its fastest kernels
-    # --compile compiles the network and, separately, apply_augment: eager, its ~290 small operations
-    # each read and write the whole batch; compiled, inductor can fuse the elementwise ones. The random
-    # parameters stay eager, so a compiled run draws the very augmentations an eager run draws. (What
-    # each buys on a GPU is not yet measured; `tests/benchmark.py --compile` times both.)
-    train_net = torch.compile(net) if args.compile else net
-    augment_batch = torch.compile(apply_augment) if args.compile else apply_augment
+    compiled = compile_enabled(args.compile, device)
+    train_step = make_train_step(net, opt, scaler, amp, compiled, lam, s["tau"], mean_t, std_t, layout)
 
     def save(final=False):
         atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), epoch=step // steps_per_epoch,
@@ -458,7 +492,7 @@ def main(argv=None):
                     args.out)
 
     progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
-                        flops_per_step and flops_per_step * steps_per_epoch, peak)
+                        flops_per_step and flops_per_step * steps_per_epoch, peak, warming=compiled)
     loss_sums = torch.zeros(2, device=device)          # L_simclr, L_clsp summed on the device: no host sync
     n_summed, epoch_of_perm = 0, None
     stop = StopFlag()                                   # Ctrl-C: stop at the end of the step, then save
@@ -468,28 +502,11 @@ def main(argv=None):
         if epoch != epoch_of_perm:                     # a new epoch: a new, seeded order (resumable)
             perm, epoch_of_perm = epoch_order(N, s["seed"], epoch, device), epoch
         idx = perm[i * B:(i + 1) * B]
-        x = x_train[idx]
-        # [v1; v2; s]: the real batch twice and one fresh candidate per image, all augmented in one
-        # call with independent parameters per image, so v1 and v2 differ.
-        parts = [x, x] + ([pick_candidates(synthetic, idx)] if synthetic is not None else [])
-        raw = torch.cat(parts)                         # uint8 [V*B, 3, H, W]
-        p = sample_augment_params(raw.shape[0], raw.shape[2], raw.shape[3], device)   # augment() in two steps
-        views = augment_batch(raw, p, s["image_size"], mean_t, std_t).contiguous(memory_format=layout)
-
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s, steps_per_epoch)
-        # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and s together.
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            z = train_net(views)
-        z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
-        z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if V == 3 else None)
-        loss, l_simclr, l_clsp = total_loss(z1, z2, z3, lam, s["tau"])
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()              # fp16 only: loss scaling; otherwise plain backward()
-        scaler.step(opt)
-        scaler.update()
+        l_simclr, l_clsp = train_step(x_train[idx], pick_candidates(synthetic, idx) if synthetic is not None else None)
         step += 1
-        loss_sums += torch.stack([l_simclr.detach(), l_clsp.detach()])
+        loss_sums += torch.stack([l_simclr, l_clsp])
         n_summed += 1
 
         if step % steps_per_epoch == 0:            # end of an epoch: one host sync
@@ -503,6 +520,8 @@ def main(argv=None):
             if s["knn_every"] and (done % s["knn_every"] == 0 or done == s["epochs"]):
                 acc = knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, s["knn_k"], s["knn_T"], amp)
                 metrics["kNN"] = f"{100 * acc:.2f}%"
+            if progress.warmup == "compiling":      # speed and time left from the second epoch on
+                progress.warmed_up(done, "compile + first epoch")
             progress.line(done, **metrics)
             save(final=(step == total_steps))
             loss_sums.zero_()

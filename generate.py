@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from ddpm import (PRECISIONS, Progress, atomic_save, autocast_dtype, build_unet, count_flops, ddim_step,
+from ddpm import (PRECISIONS, Progress, atomic_save, autocast_dtype, build_unet, compile_enabled, count_flops, ddim_step,
                   ddim_timesteps, data_info, fail, load_artifact, load_dataset, make_schedule, peak_flops,
                   pick_device, q_sample, refuse_to_overwrite, resolve_settings, run_main, save_grid, to_uint8)
 
@@ -78,26 +78,29 @@ SWEEP_W = [0.0, 0.1, 0.25, 0.5, 1.0]   # the columns of synthetic_w_sweep.png; w
 # ------------------------------------------------------------------------------------------------
 
 def interpolated_eps(unet, x_t, xa_t, t, w):
-    """eps for the sample x_t, with its bottleneck pulled towards the (noised) anchor's by 1 - w."""
+    """eps for the sample x_t, with its bottleneck pulled towards the (noised) anchor's by 1 - w.
+    w: a number, or a 0-d tensor (then a compiled sampler serves every w without recompiling)."""
     h, skips, temb = unet.encode(x_t, t)       # the sample's bottleneck h, its skips, the time embedding
     h_anchor, _, _ = unet.encode(xa_t, t)      # the anchor's bottleneck (its skips are not used)
-    h = w * h + (1 - w) * h_anchor             # the CLSP interpolation, on the bottleneck only
+    h = (w * h + (1 - w) * h_anchor).to(h.dtype)   # the CLSP interpolation, on the bottleneck only
     return unet.decode(h, skips, temb).float() # the skips come from the sample: its appearance
 
 
 @torch.no_grad()
-def interpolated_ddim_sample(unet, x_T, x_a, abar, w, S, eta, generator, anchor_generator):
+def interpolated_ddim_sample(unet, x_T, x_a, abar, w, S, eta, generator, anchor_generator,
+                             eps_fn=interpolated_eps):
     """DDIM from x_T towards the anchors x_a (in [-1, 1], one per row of x_T). The step noise is drawn
     from `generator` exactly as ddpm.ddim_sample draws it, so with w = 1 both return the same tensor; the
-    anchor's noise comes from its own `anchor_generator`, so it does not shift the sample's stream."""
+    anchor's noise comes from its own `anchor_generator`, so it does not shift the sample's stream.
+    eps_fn: interpolated_eps, or the same function compiled."""
     x = x_T
     steps = ddim_timesteps(S, abar.numel())
     for t, t_next in zip(steps, steps[1:] + [-1]):             # t_next = -1: the last step returns x0
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         # The anchor is noised to the same t with fresh noise at every step, so its features are those
-        # the UNet expects at this noise level (METHOD.md, stage 2).
+        # the UNet expects at this noise level (as in the authors' sampler).
         xa_t = q_sample(x_a, tt, torch.randn(x_a.shape, device=x.device, generator=anchor_generator), abar)
-        eps = interpolated_eps(unet, x, xa_t, tt, w)
+        eps = eps_fn(unet, x, xa_t, tt, w)
         noise = torch.randn(x.shape, device=x.device, generator=generator) if t_next >= 0 else None
         x = ddim_step(x, eps, t, t_next, abar, eta, noise)     # Song et al. eq. 12, shared with ddpm.py
     return x
@@ -110,14 +113,19 @@ def generators(seed, b, device):
     return torch.Generator(device).manual_seed(base), torch.Generator(device).manual_seed(base + 1)
 
 
-def make_candidates(unet, anchors, K, w, s, abar, b, device, amp=None):
-    """uint8 anchors [A, 3, S, S] -> uint8 candidates [A, K, 3, S, S], from batch b's random streams."""
-    A = anchors.shape[0]
+def make_candidates(unet, anchors, K, w, S, eta, seed, b, abar, rows, amp=None, eps_fn=interpolated_eps):
+    """uint8 anchors [A, 3, H, W] -> uint8 candidates [A, K, 3, H, W], from batch b's random streams.
+
+    The batch is padded with blank anchors to `rows` images, so every call has the same shape: a
+    compiled sampler then compiles once (a last, smaller batch would compile it again, a minute)."""
+    A, device = anchors.shape[0], abar.device
     x_a = (anchors.to(device).float() / 127.5 - 1).repeat_interleave(K, dim=0)   # rows: a0 x K, a1 x K, ...
-    g, g_anchor = generators(s["seed"], b, device)
+    x_a = torch.cat([x_a, x_a.new_zeros(rows - x_a.shape[0], *x_a.shape[1:])])     # padding, dropped below
+    g, g_anchor = generators(seed, b, device)
     x_T = torch.randn(x_a.shape, device=device, generator=g)   # every candidate its own x_T: independent
+    w = torch.tensor(float(w), device=device)                  # a tensor: one compile for every w
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):   # amp: the autocast dtype
-        x = interpolated_ddim_sample(unet, x_T, x_a, abar, w, s["S"], s["eta"], g, g_anchor)
+        x = interpolated_ddim_sample(unet, x_T, x_a, abar, w, S, eta, g, g_anchor, eps_fn)[:A * K]
     if not torch.isfinite(x).all():
         fail("the sampler produced NaN or inf values: the DDPM checkpoint looks broken; retrain it with "
              "`python ddpm.py`")
@@ -150,7 +158,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="images per batch, best a multiple of K (standard: 2048)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet's encode and decode")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the sampler's model call (default: on with a CUDA GPU, off on a CPU)")
     p.add_argument("--ddpm", default="runs/ddpm.pt", help="the DDPM checkpoint made by ddpm.py (default: %(default)s)")
     p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write (default: %(default)s)")
     p.add_argument("--preview", default="runs/synthetic_preview.png", help="anchors and their candidates (default: %(default)s)")
@@ -222,9 +231,7 @@ def main(argv=None):
         unet.load_state_dict(ckpt["ema"])
     except RuntimeError:
         fail(f"the EMA weights in {args.ddpm} do not fit its own settings; retrain with `python ddpm.py`")
-    unet = unet.to(device).eval().requires_grad_(False)
-    if device.type == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)     # NHWC: the layout tensor cores want
+    unet = unet.to(device).eval().requires_grad_(False)   # NCHW: ddpm.py says why, not channels_last
     abar = make_schedule(ds["T"], ds["beta_1"], ds["beta_T"]).to(device)
     amp = autocast_dtype(args.precision, device)   # bf16 on recent GPUs, fp16 on older ones, CPU: fp32
     # FLOPs of one sampler step on one image (2 encodes + 1 decode), for the MFU on a known GPU.
@@ -234,11 +241,16 @@ def main(argv=None):
             x1 = torch.zeros(1, 3, s["image_size"], s["image_size"], device=device)
             t1 = torch.zeros(1, dtype=torch.long, device=device)
             flops_step = count_flops(lambda: interpolated_eps(unet, x1, x1, t1, s["w"]))
-    if args.compile:                            # compiled separately: the sampler calls them separately
-        unet.encode, unet.decode = torch.compile(unet.encode), torch.compile(unet.decode)
+    # On a GPU the sampler's model call (2 encoder passes, the interpolation, 1 decoder pass) is compiled
+    # once for its fixed batch shape: eager, a batch of 2,048 took as long in bf16 as in fp32 (114 ms a
+    # forward pass), bound by GroupNorm, SiLU and the casts between them, which inductor fuses. At this
+    # batch size the GPU, not the kernel launches, is the limit, so no CUDA graphs ("reduce-overhead").
+    compiled = compile_enabled(args.compile, device)
+    eps_fn = torch.compile(interpolated_eps) if compiled else interpolated_eps
     print(f"{N} anchors x K = {K} candidates, S = {s['S']} DDIM steps, w = {s['w']}, eta = {s['eta']}; "
           f"{A} anchors ({A * K} images) per batch; DDPM {args.ddpm} (step {ckpt['step']}); device {device}, "
-          f"autocast {amp or 'off (fp32)'}", flush=True)
+          f"autocast {amp or 'off (fp32)'}, compile {'on (the first batch compiles, about a minute)' if compiled else 'off'}",
+          flush=True)
 
     # Resuming: finished batches live in <out>.parts/ next to a manifest of what made them. Only a run
     # with the same manifest may use them, so one candidate set never mixes two settings or two DDPMs.
@@ -246,7 +258,7 @@ def main(argv=None):
     parts = args.out + ".parts"
     fingerprint = float(sum(v.double().abs().sum() for v in ckpt["ema"].values() if v.is_floating_point()))
     manifest = dict(settings={**{k: v for k, v in s.items() if k not in ("data_dir", "preview_anchors")},
-                              "autocast": str(amp or "fp32")},     # bf16 and fp16 give other pixels
+                              "autocast": str(amp or "fp32"), "compile": compiled},   # other pixels
                     data=info, ddpm=dict(step=ckpt["step"], fingerprint=fingerprint))
     chunk_path = lambda b: os.path.join(parts, f"batch_{b:06d}.pt")
     chunks = {}
@@ -275,28 +287,40 @@ def main(argv=None):
     # The main loop: batch b makes the candidates of anchors b*A .. b*A+A-1, from its own random streams.
     # ------------------------------------------------------------------------------------------------
     done = sum(c.shape[0] for c in chunks.values())
-    progress = Progress(N, done, "anchor", K, flops_step and K * s["S"] * flops_step, peak)
-    t0, made, last_print = time.perf_counter(), 0, 0.0
+    progress = Progress(N, done, "anchor", K, flops_step and K * s["S"] * flops_step, peak, warming=compiled)
+    t_start = t0 = time.perf_counter()
+    made = 0
+    rows = A * K                               # every sampler call has this many images (padded)
+
+    def sample(anchors, K, w, b):
+        return make_candidates(unet, anchors, K, w, s["S"], s["eta"], s["seed"], b, abar, rows, amp, eps_fn)
+
     try:
         for b in range(n_batches):
             if b in chunks:
                 continue
-            chunks[b] = make_candidates(unet, x_train[b * A:(b + 1) * A], K, s["w"], s, abar, b, device, amp)
+            chunks[b] = sample(x_train[b * A:(b + 1) * A], K, s["w"], b)
             atomic_save({"images": chunks[b]}, chunk_path(b))   # the .cpu() above waited for the GPU
             done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
-            if time.perf_counter() - last_print > 10 or done == N:   # a line every ~10 s
+            if progress.warmup == "compiling":
+                progress.warmed_up(done, "compile")
+                t0, made = time.perf_counter(), 0   # images/s below: after the compile
+            if progress.due(10) or done == N:       # a line every ~10 s
                 progress.line(done, batch=f"{b + 1}/{n_batches}")
-                last_print = time.perf_counter()
         images = torch.cat([chunks[b] for b in range(n_batches)])  # [N, K, 3, S, S], row i = anchor i
-        seconds = time.perf_counter() - t0
+        seconds, rate = time.perf_counter() - t_start, made / (time.perf_counter() - t0) if made else None
 
-        # Pictures: spread-out anchors, so a folder data set sorted by class shows several classes.
-        idx = torch.linspace(0, N - 1, min(s["preview_anchors"], N)).round().long()
+        # The w sweep: anchors spread over the data set (a folder sorted by class shows several classes),
+        # as many as one batch holds, sampled once per w with the same random streams (batch index -1),
+        # so only w changes from column to column.
+        idx = torch.linspace(0, N - 1, min(rows, N)).round().long()
         real = x_train[idx].cpu()
-        save_grid(torch.cat([real[:, None], images[idx]], 1).flatten(0, 1), args.preview, nrow=1 + K)
-        # The w sweep: the same random streams in every column (batch index -1), so only w changes.
-        sweep = [make_candidates(unet, x_train[idx], 1, w, s, abar, -1, device, amp)[:, 0] for w in SWEEP_W]
-        save_grid(torch.stack([real] + sweep, 1).flatten(0, 1), args.sweep, nrow=1 + len(SWEEP_W))
+        sweep = [sample(x_train[idx], 1, w, -1)[:, 0] for w in SWEEP_W]
+        # Pictures of a few of them: each anchor with its K candidates, and the same anchor across w.
+        show = torch.linspace(0, len(idx) - 1, min(s["preview_anchors"], len(idx))).round().long()
+        save_grid(torch.cat([real[show, None], images[idx[show]]], 1).flatten(0, 1), args.preview, nrow=1 + K)
+        save_grid(torch.stack([real[show]] + [x[show] for x in sweep], 1).flatten(0, 1), args.sweep,
+                  nrow=1 + len(SWEEP_W))
     except KeyboardInterrupt:
         fail(f"interrupted with {done}/{N} anchors done; the finished batches are kept in {parts}: "
              f"rerun the same command to resume")
@@ -315,7 +339,7 @@ def main(argv=None):
                             / (K * (K - 1) / 2)) if K > 1 else None,
         anchor_to_other_image=mean_abs_diff(a, a.roll(1, 0)) if n > 1 else None,
         anchor_to_sample_by_w={str(w): mean_abs_diff(x, real) for w, x in zip(SWEEP_W, sweep)},
-        seconds=seconds, images_per_second=made / seconds if made else None)
+        seconds=seconds, images_per_second=rate)
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
     print(f"summary: {summary['metric']}, over the first {n} anchors\n"
           f"  anchor    <-> its candidates:             {fmt(summary['anchor_to_candidate'])}\n"

@@ -1,26 +1,33 @@
-"""Speed benchmark of the four stages: the fast path each script takes against the plain path a typical
+"""Speed benchmark of the four stages: the paths the scripts take against the plain path a typical
 implementation takes, on random data of the real shapes, in one run, so every speed-up is a measured ratio.
 
-    python tests/benchmark.py                    # on the GPU: the real sizes
-    python tests/benchmark.py --compile          # also the torch.compile variant of each fast path
+    python tests/benchmark.py                    # on the GPU: the real sizes, eager and compiled
+    python tests/benchmark.py --stages 12        # only stages 1 and 2
+    python tests/benchmark.py --more             # also channels_last and batch-size scaling (stage 1)
+    python tests/benchmark.py --profile 1        # also a torch.profiler table of stage 1's compiled step
     python tests/benchmark.py --device cpu       # tiny sizes, seconds: checks that it runs (tests do this)
 
 For each stage it prints images/s, the achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter, in
 fp32 terms: a bf16 multiply-add counts the same as an fp32 one), MFU against the GPU's dense bf16 peak
-(fp16 on GPUs without bf16 tensor cores) and peak memory; and, for the same batch, the loss (or output)
-of the fast and the plain path side by side: they should agree within bf16 tolerance, since the fast
-path computes the same function (tests/test_benchmark.py asserts it on the CPU). Stage 3 also times
-the augmentation alone (its share of a step) and the checkpoint clsp.py writes every epoch.
+(fp16 on GPUs without bf16 tensor cores), peak memory, and a check that the row computes the same
+function as the reference row: the loss of the first step from the same weights and the same random
+draws (tests/test_benchmark.py asserts it on the CPU), or the relative error of the output.
 
-  fast  = what the scripts do: bf16 autocast (fp16 before Ampere, as --precision auto does),
-          channels_last, data on the GPU as uint8, batched GPU augmentation (stage 3), optionally
-          torch.compile.
-  plain = fp32, NCHW, no compile; for stage 3 a DataLoader with torchvision's transforms on CPU workers.
+Rows, named as the scripts' flags are:
+  plain     fp32, NCHW, eager; for stage 3 a DataLoader with torchvision's transforms on CPU workers.
+  eager     what a script runs with --no-compile: the autocast dtype of --precision auto (bf16, or fp16
+            before Ampere), the scripts' layouts, data on the GPU as uint8, batched GPU augmentation,
+            fused Adam (stage 1).
+  compiled  what a script runs by default on a GPU: the same, torch.compile'd as the script compiles
+            it. Its first call compiles; the check column says how long that took.
+The training rows call the scripts' own step functions (ddpm.make_train_step, clsp.make_train_step),
+so a row times exactly what the script runs.
 
 Not collected by pytest (its name does not start with test_); tests/test_benchmark.py runs the CPU mode.
 """
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -84,150 +91,153 @@ class Table:
             print(note)
 
 
-def variants(model, device, compile_too):
-    """(name, module, autocast dtype or None, layout) for the plain path, the fast path and optionally
-    compiled. The fast path's dtype is the scripts' --precision auto: bf16, or fp16 on pre-Ampere GPUs."""
-    amp = ddpm.autocast_dtype("auto", device)
-    fast_layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    fast = "fast" + (f" ({str(amp).replace('torch.', '')})" if amp else "")
-    out = [("plain fp32", model, None, torch.contiguous_format), (fast, model, amp, fast_layout)]
-    if compile_too:
-        out.append((fast + "+compile", torch.compile(model), amp, fast_layout))
-    return out
-
-
 def autocast(device, amp):
     return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
 
+def first_call(fn):
+    """fn() once, synchronised: (its result, seconds). For a compiled row, the compile time."""
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def compile_note(seconds, compiled):
+    return f"; compiled in {seconds:.0f} s" if compiled else ""
+
+
 # ------------------------------------------------------------------------------------------------
 
-def bench_ddpm(table, device, sz, compile_too):
-    """Stage 1: one training step (forward, backward, Adam) at the training batch."""
-    torch.manual_seed(0)
-    unet = ddpm.UNet(ch=sz["ch"], ch_mult=sz["ch_mult"], attn_res=sz["attn_res"], image_size=sz["img"]).to(device)
-    abar = ddpm.make_schedule().to(device)
-    B = sz["ddpm_batch"]
-    x0 = torch.rand(B, 3, sz["img"], sz["img"], device=device) * 2 - 1
-    t = torch.randint(0, 1000, (B,), device=device)
-    eps = torch.randn_like(x0)
-    x_t = ddpm.q_sample(x0, t, eps, abar)
-    unet.eval()                                              # dropout off: both paths see the same function
-    flops = ddpm.count_flops(lambda: F.mse_loss(unet(x_t, t), eps).backward())
-    losses = {}
-    for name, m, amp, layout in variants(unet, device, compile_too):
-        unet.to(memory_format=layout)
-        # A fresh optimiser after the layout change, as ddpm.py makes it: Adam's state then has the
-        # weights' strides, which its fused multi-tensor kernels need (else one launch per tensor).
-        opt = torch.optim.Adam(unet.parameters(), lr=1e-12)  # a tiny lr: the weights barely move
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)   # as ddpm.py
-        xl = x_t.contiguous(memory_format=layout)
+def bench_ddpm(table, device, opts):
+    """Stage 1: ddpm.make_train_step (loss, backward, clipping, Adam, EMA) at the training batch."""
+    sz, amp = opts.sz, ddpm.autocast_dtype("auto", device)
+    rows = [("plain fp32", None, False, torch.contiguous_format, False, sz["ddpm_batch"]),
+            ("eager", amp, False, torch.contiguous_format, True, sz["ddpm_batch"])]
+    if opts.compile:
+        rows.append(("compiled", amp, True, torch.contiguous_format, True, sz["ddpm_batch"]))
+    if opts.more:   # is NCHW the right layout (CUDA's GroupNorm has no NHWC kernel)? is it launch-bound?
+        rows += [("eager, channels_last", amp, False, torch.channels_last, True, sz["ddpm_batch"]),
+                 ("eager, batch 32", amp, False, torch.contiguous_format, True, 32),
+                 ("eager, batch 512", amp, False, torch.contiguous_format, True, 512)]
+        if opts.compile:
+            rows += [("compiled, channels_last", amp, True, torch.channels_last, True, sz["ddpm_batch"]),
+                     ("compiled, batch 512", amp, True, torch.contiguous_format, True, 512)]
+    ref = None
+    for name, dtype, compiled, layout, fused, B in rows:
+        torch.manual_seed(0)                                 # the same initial weights in every row
+        unet = ddpm.UNet(ch=sz["ch"], ch_mult=sz["ch_mult"], attn_res=sz["attn_res"], image_size=sz["img"])
+        unet = unet.to(device, memory_format=layout).eval()  # dropout off: every row the same function
+        ema = copy.deepcopy(unet).requires_grad_(False)
+        abar = ddpm.make_schedule().to(device)
+        opt = torch.optim.Adam(unet.parameters(), lr=1e-12, fused=fused and device.type == "cuda")   # tiny lr
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        step = ddpm.make_train_step(unet, ema, opt, scaler, abar, dtype, compiled, 1e-12, 0, 1.0, 0.9999)
+        x = torch.randint(0, 256, (B, 3, sz["img"], sz["img"]), dtype=torch.uint8, device=device)
+        x = x.contiguous(memory_format=layout)
+        if name == "plain fp32":
+            flops = ddpm.count_flops(lambda: step(x, 0)) / B      # per image
+        torch.manual_seed(1)                                 # the same flips, t and eps in every row
+        loss, first = first_call(lambda: step(x, 0).item())
+        check = f"loss {loss:.5f}" + (f" (plain {ref:.5f})" if ref is not None and B == sz["ddpm_batch"] else "")
+        ref = loss if ref is None else ref
+        sec = timed(lambda: step(x, 1000), sz["iters"], sz["warmup"], device)
+        table.add("1 DDPM train", name, B, sec, flops * B, check + compile_note(first, compiled))
+        if opts.profile and "1" in opts.profile and name == rows[-1][0]:
+            profile(lambda: step(x, 1000), device, f"stage 1, {name}")
 
-        def step():
-            with autocast(device, amp):
-                loss = F.mse_loss(m(xl, t).float(), eps)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            return loss
-        losses[name] = step().item()
-        sec = timed(step, sz["iters"], sz["warmup"], device)
-        check = f"loss {losses[name]:.5f}" + (f" (plain {losses['plain fp32']:.5f})" if name != "plain fp32" else "")
-        table.add("1 DDPM train", name, B, sec, flops, check)
 
-
-def bench_generate(table, device, sz, compile_too):
-    """Stage 2: one interpolated sampler step (2 encoder passes + 1 decoder pass) at the generation batch."""
+def bench_generate(table, device, opts):
+    """Stage 2: one interpolated sampler step as generate.py takes it (the anchor re-noised, 2 encoder
+    passes + 1 decoder pass, the DDIM update) at the generation batch."""
+    sz, amp = opts.sz, ddpm.autocast_dtype("auto", device)
     torch.manual_seed(0)
     unet = ddpm.UNet(ch=sz["ch"], ch_mult=sz["ch_mult"], attn_res=sz["attn_res"], image_size=sz["img"])
     unet = unet.to(device).eval().requires_grad_(False)
+    abar = ddpm.make_schedule().to(device)
     B = sz["gen_batch"]
     x = torch.randn(B, 3, sz["img"], sz["img"], device=device)
-    xa = torch.randn_like(x)
+    x_a = torch.rand_like(x) * 2 - 1
     t = torch.full((B,), 500, device=device, dtype=torch.long)
+    w = torch.tensor(0.1, device=device)
     with torch.no_grad():
-        flops = ddpm.count_flops(lambda: generate.interpolated_eps(unet, x, xa, t, 0.1))
+        flops = ddpm.count_flops(lambda: generate.interpolated_eps(unet, x, x_a, t, 0.1))
+    rows = [("plain fp32", None, generate.interpolated_eps), ("eager", amp, generate.interpolated_eps)]
+    if opts.compile:
+        rows.append(("compiled", amp, torch.compile(generate.interpolated_eps)))   # as generate.py compiles it
     outs = {}
-    plain, fast = variants(unet, device, False)
-    for name, m, amp, layout in [plain, fast] + (
-            # generate.py compiles encode and decode separately (the sampler calls them separately)
-            [(fast[0] + "+compile", SimpleNamespace(encode=torch.compile(unet.encode),
-                                                    decode=torch.compile(unet.decode)), fast[2], fast[3])]
-            if compile_too else []):
-        unet.to(memory_format=layout)
-        xl, xal = x.contiguous(memory_format=layout), xa.contiguous(memory_format=layout)
-
+    for name, dtype, eps_fn in rows:
         @torch.no_grad()
         def step():
-            with autocast(device, amp):
-                return generate.interpolated_eps(m, xl, xal, t, 0.1)
-        outs[name] = step()
+            xa_t = ddpm.q_sample(x_a, t, torch.randn_like(x_a), abar)
+            with autocast(device, dtype):
+                eps = eps_fn(unet, x, xa_t, t, w)
+            return ddpm.ddim_step(x, eps, 500, 490, abar, 0.1, torch.randn_like(x)), eps
+        torch.manual_seed(1)
+        (_, outs[name]), first = first_call(step)
         sec = timed(step, sz["iters"], sz["warmup"], device)
         check = "" if name == "plain fp32" else \
             f"eps rel. err {((outs[name] - outs['plain fp32']).norm() / outs['plain fp32'].norm()).item():.1e}"
-        table.add("2 sampler step", name, B, sec, flops, check)
+        table.add("2 sampler step", name, B, sec, flops, check + compile_note(first, name == "compiled"))
+        if opts.profile and "2" in opts.profile and name == rows[-1][0]:
+            profile(step, device, f"stage 2, {name}")
 
 
-def bench_clsp(table, device, sz, compile_too):
-    """Stage 3: one CLSP step, B real images -> [v1; v2; s] = 3B views, forward, backward, SGD."""
-    torch.manual_seed(0)
+def bench_clsp(table, device, opts):
+    """Stage 3: clsp.make_train_step, B real images -> [v1; v2; s] = 3B views, forward, backward, SGD."""
+    sz, amp = opts.sz, ddpm.autocast_dtype("auto", device)
     B, S, N, K = sz["clsp_batch"], sz["img"], sz["clsp_images"], 2
-    net = nn.Sequential(clsp.make_backbone(), clsp.make_head()).to(device)
-    new_opt = lambda: torch.optim.SGD(net.parameters(), lr=1e-12, momentum=0.9, weight_decay=1e-4)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format   # as clsp.py
     x_train = torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8, device=device)
     synthetic = torch.randint(0, 256, (N, K, 3, S, S), dtype=torch.uint8, device=device)
     mean, std = torch.tensor([0.49, 0.48, 0.45], device=device), torch.tensor([0.25, 0.24, 0.26], device=device)
 
-    def loss_of(views, m, amp):
-        with autocast(device, amp):
-            z = m(views)
-        z = F.normalize(z.float(), dim=1)
-        return clsp.total_loss(z[:B], z[B:2 * B], z[2 * B:], 1.0, 0.2)[0]
+    def new_net(layout):
+        torch.manual_seed(0)                                 # the same initial weights in every row
+        net = nn.Sequential(clsp.make_backbone(), clsp.make_head()).to(device, memory_format=layout)
+        return net, torch.optim.SGD(net.parameters(), lr=1e-12, momentum=0.9, weight_decay=1e-4)
 
-    # The same augmented batch through both paths: the check that they compute the same function.
-    net.train()
-    g = torch.Generator(device).manual_seed(0)
-    idx = torch.randperm(N, device=device)[:B]
-    fixed = clsp.augment(torch.cat([x_train[idx], x_train[idx], clsp.pick_candidates(synthetic, idx)]), S,
-                         mean, std, generator=g)
-    flops = ddpm.count_flops(lambda: loss_of(fixed, net, None).backward())
-    net.zero_grad(set_to_none=True)
+    def batch():
+        i = torch.randint(0, N, (B,), device=device)
+        return x_train[i], clsp.pick_candidates(synthetic, i)
+
+    rows = [("eager fp32", None, False, torch.contiguous_format), ("eager", amp, False, layout)]
+    if opts.compile:
+        rows.append(("compiled", amp, True, layout))
     ref = None
-    for name, m, amp, layout in variants(net, device, compile_too):
-        net.to(memory_format=layout)
-        opt = new_opt()                                      # its momentum in the weights' layout
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)   # as clsp.py
-        with torch.no_grad():
-            same = loss_of(fixed.contiguous(memory_format=layout), m, amp).item()
-        ref = same if ref is None else ref
-        if name == "plain fp32":
-            continue                                         # the plain path below uses a DataLoader
-
-        def step():
-            i = torch.randint(0, N, (B,), device=device)
-            views = clsp.augment(torch.cat([x_train[i], x_train[i], clsp.pick_candidates(synthetic, i)]), S, mean, std)
-            loss = loss_of(views.contiguous(memory_format=layout), m, amp)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        sec = timed(step, sz["iters"], sz["warmup"], device)
-        table.add("3 CLSP step", name, 3 * B, sec, flops, f"loss {same:.5f} (plain {ref:.5f})")
+    for name, dtype, compiled, lay in rows:
+        net, opt = new_net(lay)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        step = clsp.make_train_step(net, opt, scaler, dtype, compiled, 1.0, 0.2, mean, std, lay)
+        torch.manual_seed(1)                                 # the same images and augmentations
+        x, s = batch()
+        if ref is None:
+            flops = ddpm.count_flops(lambda: step(x, s))
+            torch.manual_seed(1)
+            x, s = batch()
+        losses, first = first_call(lambda: [v.item() for v in step(x, s)])
+        loss = losses[0] + losses[1]
+        ref = loss if ref is None else ref
+        sec = timed(lambda: step(*batch()), sz["iters"], sz["warmup"], device)
+        table.add("3 CLSP step", name, 3 * B, sec, flops, f"loss {loss:.5f} (plain {ref:.5f})"
+                  + compile_note(first, compiled))
+        if opts.profile and "3" in opts.profile and name == rows[-1][0]:
+            profile(lambda: step(*batch()), device, f"stage 3, {name}")
 
     # The augmentation alone (random parameters + apply_augment, as clsp.py does it): its share of a
-    # step, eager and, with --compile, compiled as clsp.py --compile compiles it.
+    # step, eager and compiled as clsp.py compiles it.
+    g = torch.Generator(device).manual_seed(0)
+    idx = torch.randperm(N, device=device)[:B]
     raw = torch.cat([x_train[idx], x_train[idx], clsp.pick_candidates(synthetic, idx)])
     p = clsp.sample_augment_params(3 * B, S, S, device, g)
     eager = clsp.apply_augment(raw, p, S, mean, std)
-    for name, fn in [("fast", clsp.apply_augment)] + (
-            [("fast+compile", torch.compile(clsp.apply_augment))] if compile_too else []):
+    for name, fn in [("eager", clsp.apply_augment)] + (
+            [("compiled", torch.compile(clsp.apply_augment))] if opts.compile else []):
         diff = (fn(raw, p, S, mean, std) - eager).abs().max().item()
         sec = timed(lambda: fn(raw, clsp.sample_augment_params(3 * B, S, S, device), S, mean, std),
                     sz["iters"], sz["warmup"], device)
-        table.add("3 augmentation", name, 3 * B, sec, 0, "" if name == "fast" else f"max diff to eager {diff:.1e}")
+        table.add("3 augmentation", name, 3 * B, sec, 0, "" if name == "eager" else f"max diff to eager {diff:.1e}")
 
     # The checkpoint clsp.py writes at the end of every epoch (weights + SGD momentum), to a local file.
     state = dict(net=net.state_dict(), optimizer=opt.state_dict())
@@ -237,7 +247,7 @@ def bench_clsp(table, device, sz, compile_too):
         table.notes.append(f"clsp.py's per-epoch checkpoint: {os.path.getsize(path) / 1e6:.0f} MB written "
                            f"in {sec:.2f} s (to {tempfile.gettempdir()})")
 
-    # The plain path: PIL-free torchvision transforms on CPU workers, as most SimCLR code does it.
+    # The plain path: torchvision's transforms on CPU workers, as most SimCLR code does it.
     import torchvision.transforms.v2 as T
     tf = T.Compose([T.RandomResizedCrop(S, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
                     T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
@@ -254,8 +264,7 @@ def bench_clsp(table, device, sz, compile_too):
     workers = sz["workers"]
     loader = torch.utils.data.DataLoader(Views(), batch_size=B, shuffle=True, drop_last=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    net.to(memory_format=torch.contiguous_format)
-    opt = new_opt()
+    net, opt = new_net(torch.contiguous_format)
     it = iter(loader)
 
     def plain_step():
@@ -265,36 +274,54 @@ def bench_clsp(table, device, sz, compile_too):
         except StopIteration:
             it = iter(loader)
             v1, v2, s = next(it)
-        views = torch.cat([v1, v2, s]).to(device, non_blocking=True)
-        loss = loss_of(views, net, None)
+        z = F.normalize(net(torch.cat([v1, v2, s]).to(device, non_blocking=True)), dim=1)
+        loss = clsp.total_loss(z[:B], z[B:2 * B], z[2 * B:], 1.0, 0.2)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     sec = timed(plain_step, sz["iters"], sz["warmup"], device)
-    table.add("3 CLSP step", f"plain fp32 + DataLoader({workers} workers)", 3 * B, sec, flops, f"loss {ref:.5f}")
+    table.add("3 CLSP step", f"plain fp32 + DataLoader({workers} workers)", 3 * B, sec, flops, "")
 
 
-def bench_features(table, device, sz, compile_too):
+def bench_features(table, device, opts):
     """Stage 4: the frozen backbone's forward pass in eval mode (feature extraction)."""
+    sz, amp = opts.sz, ddpm.autocast_dtype("auto", device)
     torch.manual_seed(0)
     net = clsp.make_backbone().to(device).eval()
     B = sz["feat_batch"]
     x = torch.randn(B, 3, sz["img"], sz["img"], device=device)
     with torch.no_grad():
         flops = ddpm.count_flops(lambda: net(x))
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format   # as evaluate.py
+    rows = [("plain fp32", net, None, torch.contiguous_format), ("eager", net, amp, layout)]
     outs = {}
-    for name, m, amp, layout in variants(net, device, compile_too):
-        net.to(memory_format=layout)
-        xl = x.contiguous(memory_format=layout)
+    for name, m, dtype, lay in rows:
+        net.to(memory_format=lay)
+        xl = x.contiguous(memory_format=lay)
 
         @torch.no_grad()
         def step():
-            with autocast(device, amp):
+            with autocast(device, dtype):
                 return m(xl).float()
         outs[name] = step()
         sec = timed(step, sz["iters"], sz["warmup"], device)
         cos = F.cosine_similarity(outs[name], outs["plain fp32"], dim=1).min().item()
         table.add("4 features", name, B, sec, flops, "" if name == "plain fp32" else f"min cos to plain {cos:.4f}")
+
+
+def profile(fn, device, title):
+    """The kernels of 5 calls of fn(), the most expensive first, and the CPU and GPU time they took."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for _ in range(3):
+        fn()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(5):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\nprofile of {title}, 5 calls:\n" + prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
 
 
 SIZES = {  # the real shapes on a GPU; tiny ones on a CPU, where only "it runs" is being checked
@@ -309,21 +336,26 @@ SIZES = {  # the real shapes on a GPU; tiny ones on a CPU, where only "it runs" 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="also time the torch.compile variant of the fast paths")
     p.add_argument("--stages", default="1234", help="which stages to run, e.g. 13")
-    args = p.parse_args(argv)
-    device = ddpm.pick_device(args.device)
-    sz = SIZES["cuda" if device.type == "cuda" else "cpu"]
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the compiled rows (each compiles for up to a minute)")
+    p.add_argument("--more", action="store_true",
+                   help="stage 1 also with channels_last and at batch 32 and 512 (launch- or compute-bound?)")
+    p.add_argument("--profile", default="", help="stages whose last row is also profiled, e.g. 12")
+    opts = p.parse_args(argv)
+    device = ddpm.pick_device(opts.device)
+    opts.sz = SIZES["cuda" if device.type == "cuda" else "cpu"]
+    opts.compile = opts.compile and device.type == "cuda"    # on a CPU, compiling would take minutes
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True                # as clsp.py sets it
         print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
               f"dense bf16 peak {ddpm.peak_flops(device) and ddpm.peak_flops(device) / 1e12} TFLOP/s", flush=True)
     else:
         print(f"device: cpu; torch {torch.__version__}; tiny sizes (a check that it runs, not a measurement)")
     table = Table(device)
     for k, fn in zip("1234", (bench_ddpm, bench_generate, bench_clsp, bench_features)):
-        if k in args.stages:
-            fn(table, device, sz, args.compile and device.type == "cuda")
+        if k in opts.stages:
+            fn(table, device, opts)
     table.show()
 
 

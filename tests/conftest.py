@@ -86,3 +86,17 @@ class Chain:
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory, tiny_data):
     return Chain(str(tmp_path_factory.mktemp("chain")), tiny_data)
+
+
+@pytest.fixture
+def traced_compile(monkeypatch):
+    """torch.compile as the scripts call it, but with the aot_eager backend and fullgraph=True: dynamo
+    and AOTAutograd trace the function as inductor would (any graph break fails), without inductor's
+    C++ build, so a test of the compiled path takes seconds on a CPU."""
+    import torch
+    real = torch.compile
+
+    def compile(fn=None, *, mode=None, **kwargs):
+        return real(fn, backend="aot_eager", fullgraph=True)
+    monkeypatch.setattr(torch, "compile", compile)
+    return real

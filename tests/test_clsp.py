@@ -390,3 +390,26 @@ def test_a_new_run_never_overwrites_a_checkpoint(small, tmp_path, monkeypatch):
     assert "already exists" in msg and "--resume" in msg
     assert files(root) == before
 
+
+
+def test_compiled_train_step_equals_eager(traced_compile):
+    """clsp.make_train_step with compiled=True (the network and the augmentation compiled, as clsp.py
+    runs on a GPU; traced here as inductor would be) gives the eager losses and weights from the same seed."""
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    s = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+
+    def run(compiled):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(clsp.make_backbone(), clsp.make_head())
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        step = clsp.make_train_step(net, opt, torch.amp.GradScaler("cpu", enabled=False), None, compiled,
+                                    1.0, 0.2, mean, std, torch.contiguous_format)
+        torch.manual_seed(3)
+        losses = [[v.item() for v in step(x, s)] for _ in range(2)]
+        return losses, net.state_dict()
+
+    (l_eager, w_eager), (l_comp, w_comp) = run(False), run(True)
+    assert sum(l_comp, []) == pytest.approx(sum(l_eager, []), rel=1e-4)
+    for k in w_eager:
+        torch.testing.assert_close(w_comp[k].float(), w_eager[k].float(), rtol=1e-3, atol=1e-5)

@@ -278,3 +278,33 @@ def test_bad_inputs_are_refused_and_nothing_is_damaged(chain, tmp_path, monkeypa
     assert "run `python ddpm.py` first" in refused()
     assert open("runs/synthetic.pt", "rb").read() == b"an older candidate set"
     assert not os.path.exists("runs/synthetic.pt.parts")
+
+
+def test_compiled_sampler_equals_eager(traced_compile):
+    """generate.py compiles interpolated_eps once (w a tensor, the batch padded to one shape): traced as
+    inductor would trace it, in one graph, the whole sampler gives the eager result, for two values of w
+    without a second trace."""
+    unet, x_a = small_unet(), randn((3, 3, 16, 16), 10).tanh()
+    compiled = torch.compile(generate.interpolated_eps)
+    for w in (0.1, 0.5):
+        w = torch.tensor(w)
+        eager = sample(unet, x_a, w, 0.1)
+        g, g_a = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+        x_T = torch.randn(x_a.shape, generator=g)
+        out = generate.interpolated_ddim_sample(unet, x_T, x_a, ddpm.make_schedule(), w, 4, 0.1, g, g_a, compiled)
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_make_candidates_pads_every_batch_to_one_shape(monkeypatch):
+    """A last, smaller batch is padded to the full number of rows (one shape: one compile); the padding
+    never reaches the candidates."""
+    shapes = []
+
+    def eps_fn(unet, x, xa_t, t, w):
+        shapes.append(tuple(x.shape))
+        return generate.interpolated_eps(unet, x, xa_t, t, w)
+    unet, abar = small_unet(), ddpm.make_schedule()
+    anchors = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    out = generate.make_candidates(unet, anchors, 2, 0.1, 3, 0.1, 0, 5, abar, rows=10, eps_fn=eps_fn)
+    assert out.shape == (3, 2, 3, 16, 16) and out.dtype == torch.uint8
+    assert set(shapes) == {(10, 3, 16, 16)}
