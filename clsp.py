@@ -12,26 +12,29 @@ synthetic candidate s_i = synthetic[i, k], k ~ Uniform{0..K-1} drawn afresh ever
 `--lam 0` is plain SimCLR, the baseline every CLSP number is compared with; it reads no synthetic data.
 
     python clsp.py                                   # standard preset, after `python generate.py`
-    python clsp.py --lam 0 --out runs/clsp_lam0.pt   # the SimCLR baseline (needs no ddpm/synthetic)
+    python clsp.py --lam 0 --out runs/clsp_lam0.pt   # the SimCLR baseline (needs no candidates)
     python clsp.py --preset quick                    # ~30 epochs, part of the ~10 min quick pipeline
     python clsp.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
     python clsp.py --resume                          # continue an interrupted run to its last epoch
 
-Reads:  runs/synthetic.pt (from generate.py; not when --lam 0) and the training images (the data set,
-        directory and image size default to the ones the synthetic set was made from).
+Reads:  runs/synthetic.pt (from generate.py; not when --lam 0) and the training images. The data set,
+        directory and image size default to the ones the synthetic set was made from; with --lam 0,
+        to those of runs/synthetic.pt or runs/ddpm.pt when there is one (it says which), so the
+        baseline trains on the same images as CLSP.
 Writes: runs/clsp.pt (backbone + head weights, optimiser, epoch, settings, what it was made from),
         saved atomically at the end of every epoch.
 
 Speed: the whole data set (real and synthetic, uint8) lives on the GPU and the augmentations are
 batched tensor code there, so no DataLoader sits on the hot path (the airbench recipe). Goal: one
-CIFAR-10 epoch (50,000 images x 3 views, batch 1024) in at most 3 s on one H100, i.e. the authors'
-1000 epochs in under an hour (theirs: ~6 h on 4 GPUs). GPU times are not yet measured. The tiny
+CIFAR-10 epoch (50,000 images x 3 views, batch 1024) in at most 2 s on one H100, i.e. the authors'
+1000 epochs in well under an hour (theirs: ~6 h on 4 GPUs). GPU times are not yet measured. The tiny
 preset (64 images at 16x16, 2 epochs) takes ~14 s on a 2-core CPU, 8 s of it training.
 """
 
 import argparse
 import copy
 import math
+import os
 import sys
 
 import torch
@@ -39,9 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from ddpm import (PRECISIONS, Progress, StopFlag, atomic_save, autocast_dtype, compile_enabled, count_flops, data_info,
-                  epoch_order, fail, load_artifact, load_dataset, load_for_resume, peak_flops, pick_device,
-                  refuse_to_overwrite, resolve_settings, restore_training_state, run_main, training_state)
+from ddpm import (Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, claim_output, compile_enabled,
+                  count_flops, data_info, describe_data, epoch_order, fail, load_artifact, load_dataset,
+                  load_for_resume, peak_flops, pick_device, refuse_to_overwrite, resolve_settings,
+                  restore_training_state, run_hint, run_main, settings_adder, training_state)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -66,6 +70,50 @@ PRESETS = {
     "standard": dict(),
     "paper": dict(epochs=1000, knn_every=100),
 }
+FREE_ON_RESUME = {"data_dir", "knn_every", "synthetic"}   # the flags --resume may change
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR + synthetic positives on a ResNet-18.")
+    add = settings_adder(p, DEFAULTS, PRESETS)
+    add("--dataset", "cifar10 | cifar100 | folder (default: the synthetic set's, or with --lam 0 the one in runs/)")
+    add("--data-dir", "where the data set is (default: the synthetic set's, or with --lam 0 the one in runs/)")
+    add("--image-size", "image size (default: the synthetic set's, or with --lam 0 the one in runs/)", type=int)
+    add("--seed", "random seed", type=int)
+    add("--lam", "weight lambda of the CLSP term; 0 = plain SimCLR", type=float)
+    add("--tau", "NT-Xent temperature", type=float)
+    add("--epochs", "training epochs (authors: 1000)", type=int)
+    add("--batch-size", "real images per step; 3 views each", type=int)
+    add("--lr", "SGD learning rate AT BATCH 1024; the run uses lr * batch / 1024 (linear scaling, "
+                "Goyal et al. 2017)", type=float)
+    add("--weight-decay", "on all parameters", type=float)
+    add("--warmup-epochs", "linear warm-up, then cosine to 0", type=int)
+    add("--synthetic", "stage 2's candidate set")
+    add("--knn-every", "print a quick kNN top-1 on the test split every N epochs; 0: never", type=int)
+    add_run_flags(p, "the network and the augmentation")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
+    p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write (default: %(default)s)")
+    # For tests of --resume: behave exactly as if Ctrl-C were pressed right after epoch N is saved.
+    p.add_argument("--stop-after-epoch", type=int, help="act as if interrupted after epoch N (to try --resume)")
+    return p.parse_args(argv)
+
+
+def check_settings(s):
+    for k in ["image_size", "epochs", "batch_size"]:
+        if s[k] < 1:
+            fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
+    if s["batch_size"] < 2:
+        fail("--batch-size must be at least 2: NT-Xent needs other images in the batch as negatives")
+    if not 0 <= s["warmup_epochs"] <= s["epochs"]:
+        fail(f"--warmup-epochs must be between 0 and --epochs ({s['epochs']}), got {s['warmup_epochs']}")
+    if s["knn_every"] < 0:
+        fail(f"--knn-every must be 0 (never) or a positive number of epochs, got {s['knn_every']}")
+    for k in ["lr", "tau"]:
+        if not (s[k] > 0 and math.isfinite(s[k])):
+            fail(f"--{k} must be a positive number, got {s[k]}")
+    for k in ["lam", "weight_decay"]:
+        if not (s[k] >= 0 and math.isfinite(s[k])):
+            fail(f"--{k.replace('_', '-')} must be zero or a positive number, got {s[k]}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,20 +136,21 @@ def make_backbone():
 
 
 def make_head():
-    """Projection head g: 512 -> 4096 -> 256, no BatchNorm (METHOD.md). The loss lives on z = g(h);
+    """Projection head g: 512 -> 4096 -> 256 with a ReLU, no BatchNorm (the authors'). The loss lives on z = g(h);
     the features h before it are what transfers (SimCLR sec. 4.2), so the head is dropped after training."""
     return nn.Sequential(nn.Linear(512, 4096), nn.ReLU(inplace=True), nn.Linear(4096, 256))
 
 
 # ------------------------------------------------------------------------------------------------
-# The losses. z1, z2, z3: [B, d], already L2-normalised.
+# The losses. z1, z2, z3: [B, d] embeddings of v1, v2 and s, L2-normalised (SimCLR's z).
 # ------------------------------------------------------------------------------------------------
 
 def nt_xent(z1, z2, tau):
     """SimCLR's NT-Xent: each of the 2B embeddings has the other view of its image as its positive and
-    the other 2B - 2 as negatives; cross-entropy over cosine similarities / tau, mean over all 2B."""
+    the other 2B - 2 as negatives; cross-entropy over cosine similarities / tau, mean over all 2B.
+    The similarities are cosines, so z1 and z2 are normalised here (a no-op on SimCLR's own z)."""
     B = z1.shape[0]
-    z = torch.cat([z1, z2])
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
     logits = z @ z.T / tau
     logits = logits.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))  # not itself
     positive = (torch.arange(2 * B, device=z.device) + B) % (2 * B)      # row a's partner: a + B mod 2B
@@ -281,7 +330,8 @@ def make_train_step(net, opt, scaler, amp, compiled, lam, tau, mean, std, layout
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1, amp=None, chunk=1024):
+def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, C, k=200, T=0.1, amp=None, chunk=1024):
+    """Top-1 of the weighted kNN vote (C classes) on the test split, with the backbone in eval mode."""
     was_training = backbone.training
     layout = torch.channels_last if x_train.device.type == "cuda" else torch.contiguous_format
     backbone.eval()
@@ -297,7 +347,6 @@ def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1
         return torch.cat(out)
 
     f_train, f_test = features(x_train), features(x_test)
-    C = int(y_train.max()) + 1
     correct = torch.zeros((), device=x_train.device)
     for a in range(0, f_test.shape[0], chunk):
         sim, nn_idx = (f_test[a:a + chunk] @ f_train.T).topk(min(k, f_train.shape[0]), dim=1)
@@ -311,51 +360,205 @@ def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, k=200, T=0.1
 # Training.
 # ------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR + synthetic positives on a ResNet-18.")
-    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper (default: %(default)s)")
-    p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the synthetic set's; lam 0: cifar10)")
-    p.add_argument("--data-dir", help="where the data set is (default: the synthetic set's; lam 0: data)")
-    p.add_argument("--image-size", type=int, help="image size (default: the synthetic set's; lam 0: 32)")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, help="random seed (standard: 0)")
-    p.add_argument("--lam", type=float, help="weight lambda of the CLSP term; 0 = plain SimCLR (standard: 1.0)")
-    p.add_argument("--tau", type=float, help="NT-Xent temperature (standard: 0.2)")
-    p.add_argument("--epochs", type=int, help="training epochs (standard: 400; authors: 1000)")
-    p.add_argument("--batch-size", type=int, help="real images per step; 3 views each (standard: 1024)")
-    p.add_argument("--lr", type=float, help="SGD learning rate AT BATCH 1024; the run uses lr * batch / 1024 "
-                                            "(linear scaling, Goyal et al. 2017) (standard: 0.5)")
-    p.add_argument("--weight-decay", type=float, help="on all parameters (standard: 1e-4)")
-    p.add_argument("--warmup-epochs", type=int, help="linear warm-up, then cosine to 0 (standard: 10)")
-    p.add_argument("--synthetic", help="stage 2's candidate set (standard: runs/synthetic.pt)")
-    p.add_argument("--knn-every", type=int, help="print a quick kNN top-1 on the test split every N epochs; 0: never")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the network and the augmentation (default: on with a CUDA GPU, off on a CPU)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
-    p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write (default: %(default)s)")
-    # For tests of --resume: behave exactly as if Ctrl-C were pressed right after epoch N is saved.
-    p.add_argument("--stop-after-epoch", type=int, help="act as if interrupted after epoch N (to try --resume)")
-    return p.parse_args(argv)
+def main(argv=None):
+    args = parse_args(argv)
+    s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
+    device = pick_device(args.device, args.preset)
+    ckpt = None
+    if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
+        ckpt, s = load_for_resume(args.out, "clsp.py", "backbone", explicit, FREE_ON_RESUME)
+        if ckpt["finished"]:
+            print(f"{args.out} already finished all {ckpt['epoch']} epochs; nothing to do", flush=True)
+            return
+    elif "warmup_epochs" not in explicit:
+        # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
+        s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
+    check_settings(s)
+    simclr_only = s["lam"] == 0   # the baseline: no candidates are read, drawn, augmented or computed
+    syn = None if simclr_only else load_candidates(s, explicit, ckpt, args.out)
+    if simclr_only and ckpt is None:
+        take_data_from_artifacts(s, explicit)
+    x_train, y_train, classes, info = training_images(s, syn, ckpt, args.out)
+
+    with claim_output(args.out):                 # no other run writes it until this one ends
+        if ckpt is None:
+            refuse_to_overwrite(args.out, "continue it with `python clsp.py --resume`")
+        N, B, V = x_train.shape[0], s["batch_size"], 2 if simclr_only else 3   # views: v1, v2 (+ s)
+        # The whole data set on the device as uint8: CIFAR-10 is 150 MB, its K = 8 candidates 1.2 GB.
+        mean, std = channel_stats(x_train)        # of the real training images, once
+        x_train, y_train = x_train.to(device), y_train.to(device)
+        synthetic = None if simclr_only else syn["images"].to(device)
+        if s["knn_every"]:
+            x_test, y_test, _ = load_dataset(s["dataset"], s["data_dir"], "test", s["image_size"])
+            x_test, y_test = x_test.to(device), y_test.to(device)
+        backbone, head, net, opt, scaler, amp, layout, step = make_model(s, args, device, ckpt)
+        print(f"{N} training images of {info['dataset']} at {info['image_size']}px; lam {s['lam']}, tau {s['tau']}, "
+              f"{V} views per image" + (" (SimCLR baseline)" if simclr_only else f", K = {synthetic.shape[1]} "
+              f"candidates each") + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
+        compiled = compile_enabled(args.compile, device)
+        train_step = make_train_step(net, opt, scaler, amp, compiled, s["lam"], s["tau"],
+                                     torch.tensor(mean, device=device), torch.tensor(std, device=device), layout)
+
+        def save(final=False):
+            atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), epoch=step // steps_per_epoch,
+                             step=step, settings=s, data=info, classes=classes,
+                             synthetic=None if simclr_only else made_from(syn, s["synthetic"]),
+                             norm=dict(mean=mean, std=std), finished=final,
+                             num_params=dict(backbone=sum(p.numel() for p in backbone.parameters()),
+                                             head=sum(p.numel() for p in head.parameters())),
+                             **training_state(opt, scaler, device)), args.out)
+
+        # The loop: each step B real images in a seeded, per-epoch order (so --resume sees the same
+        # order); the losses summed on the device and read once an epoch, or when a line is due.
+        steps_per_epoch = N // B                  # drop_last: every step sees a full batch
+        total_steps = s["epochs"] * steps_per_epoch
+        peak = peak_flops(device)
+        progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
+                            peak and flops_per_step(net, V, B, s["image_size"], device) * steps_per_epoch, peak,
+                            warming=compiled)
+        loss_sums = torch.zeros(2, device=device) # L_simclr, L_clsp
+        n_summed, epoch_of_perm = 0, None
+        stop = StopFlag()                         # Ctrl-C: stop at the end of the step, then save
+        net.train()
+        while step < total_steps:
+            epoch, i = divmod(step, steps_per_epoch)
+            if epoch != epoch_of_perm:            # a new epoch: a new, seeded order (resumable)
+                perm, epoch_of_perm = epoch_order(N, s["seed"], epoch, device), epoch
+            idx = perm[i * B:(i + 1) * B]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, s, steps_per_epoch)
+            # s_i: one of image i's K candidates, drawn afresh at every draw of i.
+            loss_sums += torch.stack(train_step(x_train[idx], None if simclr_only else pick_candidates(synthetic, idx)))
+            step += 1
+            n_summed += 1
+
+            if step % steps_per_epoch == 0:       # end of an epoch: one host sync
+                done = step // steps_per_epoch
+                l_s, l_c = (loss_sums / n_summed).tolist()
+                if not (math.isfinite(l_s) and math.isfinite(l_c)):   # checked before anything is saved
+                    fail(f"the loss became {l_s + s['lam'] * l_c} in epoch {done}; the last good checkpoint "
+                         f"{args.out} (if any) is kept; start a new run with a lower --lr")
+                metrics = dict(L_simclr=l_s, **({} if simclr_only else {"L_clsp": l_c}))
+                metrics["lr"] = f"{lr_at(step - 1, s, steps_per_epoch):.2e}"
+                if s["knn_every"] and (done % s["knn_every"] == 0 or done == s["epochs"]):
+                    acc = knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, len(classes),
+                                   s["knn_k"], s["knn_T"], amp)
+                    metrics["kNN"] = f"{100 * acc:.2f}%"
+                if progress.warmup == "compiling":   # speed and time left from the second epoch on
+                    progress.warmed_up(done, "compile + first epoch")
+                progress.line(done, **metrics)
+                save(final=(step == total_steps))
+                loss_sums.zero_()
+                n_summed = 0
+                if done == args.stop_after_epoch and step < total_steps:
+                    stop.requested = True         # as if Ctrl-C were pressed now (to try --resume)
+            elif progress.due():                  # a slow epoch (on a CPU) still prints every 30 s
+                l_s, l_c = (loss_sums / n_summed).tolist()
+                progress.line(step / steps_per_epoch, L_simclr=l_s, **({} if simclr_only else {"L_clsp": l_c}))
+            if stop.requested:                    # at a step boundary: weights, momentum and RNG agree
+                if n_summed and not bool(torch.isfinite(loss_sums).all()):   # never save a diverged partial epoch
+                    fail(f"interrupted at step {step} after the loss became non-finite; {args.out} keeps "
+                         f"the last good epoch; start a new run with a lower --lr")
+                save(final=(step == total_steps)) # a stop during the very last step still finishes
+                raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
+                                 f"saved {args.out}: continue with `python clsp.py --resume --out {args.out}`")
+        stop.release()
+    print(f"wrote {args.out} ({s['epochs']} epoch{'s' * (s['epochs'] != 1)})", flush=True)
 
 
-def check_settings(s):
-    for k in ["image_size", "epochs", "batch_size"]:
-        if s[k] < 1:
-            fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
-    if s["batch_size"] < 2:
-        fail("--batch-size must be at least 2: NT-Xent needs other images in the batch as negatives")
-    if not 0 <= s["warmup_epochs"] <= s["epochs"]:
-        fail(f"--warmup-epochs must be between 0 and --epochs ({s['epochs']}), got {s['warmup_epochs']}")
-    if s["knn_every"] < 0:
-        fail(f"--knn-every must be 0 (never) or a positive number of epochs, got {s['knn_every']}")
-    for k in ["lr", "tau"]:
-        if not (s[k] > 0 and math.isfinite(s[k])):
-            fail(f"--{k} must be a positive number, got {s[k]}")
-    for k in ["lam", "weight_decay"]:
-        if not (s[k] >= 0 and math.isfinite(s[k])):
-            fail(f"--{k.replace('_', '-')} must be zero or a positive number, got {s[k]}")
+def load_candidates(s, explicit, ckpt, out):
+    """Stage 2's candidate set. The data set, its directory and image size not given as flags are
+    taken from it, so `python clsp.py` just works after `python generate.py`."""
+    path = s["synthetic"]
+    syn = load_artifact(path, "generate.py", ("images", "data", "settings", "ddpm"), "a generate.py candidate set")
+    if ckpt is None:
+        s.update({k: v for k, v in artifact_data_settings(syn).items() if k not in explicit})
+    for k in ("dataset", "image_size"):
+        if syn["data"][k] != s[k]:
+            fail(f"{path} holds synthetic positives for {k.replace('_', ' ')} {syn['data'][k]}, but this run "
+                 f"asks for {s[k]}; run {run_hint('generate.py')} for that data first, drop "
+                 f"--{k.replace('_', '-')}, or train the SimCLR baseline with --lam 0")
+    if ckpt is not None and {**ckpt["synthetic"], "path": path} != made_from(syn, path):   # it may move
+        fail(f"{out} was trained with another synthetic set than {path}; point --synthetic at the "
+             f"one it used, or start a new run without --resume")
+    return syn
+
+
+def artifact_data_settings(art):
+    """The data set, folder and image size a generate.py or ddpm.py artifact was made from."""
+    data_dir = art["settings"].get("data_dir") or art.get("ddpm", {}).get("settings", {}).get("data_dir")
+    return dict(dataset=art["data"]["dataset"], image_size=art["data"]["image_size"], data_dir=data_dir)
+
+
+def take_data_from_artifacts(s, explicit):
+    """--lam 0 with no data flags: train on the data of the candidate set or the DDPM in the same folder,
+    when there is one, so the baseline sees the very images CLSP sees; say where it came from."""
+    if {"dataset", "data_dir", "image_size"} & explicit.keys():
+        return
+    for path in (s["synthetic"], os.path.join(os.path.dirname(s["synthetic"]), "ddpm.pt")):
+        try:
+            art = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # reads no pixels
+            s.update(artifact_data_settings(art))
+        except Exception:
+            continue                              # not there, or not one of ours: try the next
+        print(f"data: {s['dataset']} in {s['data_dir']} at {s['image_size']}px, as in {path} "
+              f"(pass --dataset / --data-dir to choose another)", flush=True)
+        return
+
+
+def training_images(s, syn, ckpt, out):
+    """The training split, with what the checkpoint records of it; refused unless it is the very data
+    (same fingerprint) the candidates were made from and a resumed run was trained on."""
+    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
+    info = data_info(s["dataset"], x_train, y_train, classes)
+    if ckpt is not None and ckpt["data"] != info:
+        fail(f"{out} was trained on {describe_data(ckpt['data'])}, but the data found now is "
+             f"{describe_data(info)}; point --data-dir at the original data or start a new run without --resume")
+    if syn is not None and syn["data"] != info:
+        fail(f"{s['synthetic']} was made from {describe_data(syn['data'])}, but the training data found now "
+             f"is {describe_data(info)}; point --data-dir at the data it was made from, or run "
+             f"{run_hint('generate.py')} again")
+    if syn is not None and syn["images"].shape[0] != x_train.shape[0]:
+        fail(f"{s['synthetic']} has candidates for only {syn['images'].shape[0]} of the {x_train.shape[0]} "
+             f"training images (made with --num-anchors?); CLSP needs them for every image: run "
+             f"`python generate.py` without --num-anchors, or train the SimCLR baseline with --lam 0")
+    if s["batch_size"] > x_train.shape[0]:
+        fail(f"--batch-size {s['batch_size']} is larger than the {x_train.shape[0]} training images; "
+             f"pass a smaller --batch-size")
+    return x_train, y_train, classes, info
+
+
+def make_model(s, args, device, ckpt):
+    """The ResNet-18 and its head, SGD, the fp16 loss scaler and the autocast dtype; from the checkpoint
+    when resuming. Returns them, the layout and the step to start from."""
+    torch.manual_seed(s["seed"])
+    backbone, head = make_backbone(), make_head()
+    # channels_last (NHWC) is the layout tensor cores want on a GPU; on a CPU plain NCHW measured faster.
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    net = nn.Sequential(backbone, head).to(device, memory_format=layout)
+    # SGD with weight decay on every parameter, BatchNorm and biases included (the authors' recipe).
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=s["momentum"], weight_decay=s["weight_decay"])
+    # Autocast: bf16 on recent GPUs, fp16 + loss scaling on older ones (ddpm.autocast_dtype says why).
+    amp = autocast_dtype(args.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    step = 0
+    if ckpt is not None:
+        backbone.load_state_dict(ckpt["backbone"])
+        head.load_state_dict(ckpt["head"])
+        step = restore_training_state(ckpt, opt, scaler, device)
+        print(f"resuming {args.out} at epoch {ckpt['epoch']}/{s['epochs']} (step {step})", flush=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick its fastest kernels
+    print(f"ResNet-18 {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M + head "
+          f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M parameters", flush=True)
+    return backbone, head, net, opt, scaler, amp, layout, step
+
+
+def flops_per_step(net, V, B, image_size, device):
+    """FLOPs of one training step (forward + backward), for the MFU on a known GPU: counted on a copy
+    (so BatchNorm's running statistics are not nudged) with 2 images per view, scaled to the batch."""
+    m = copy.deepcopy(net)
+    return count_flops(lambda: m(torch.zeros(2 * V, 3, image_size, image_size, device=device)).sum().backward()) / 2 * B
 
 
 def made_from(syn, path):
@@ -373,172 +576,7 @@ def lr_at(step, s, steps_per_epoch):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
-    device = pick_device(args.device)
-
-    # --resume: the checkpoint's own settings rule, so the run ends exactly where it would have.
-    ckpt = None
-    if args.resume:
-        ckpt, s = load_for_resume(args.out, "clsp.py", "backbone", explicit,
-                                  free={"data_dir", "knn_every", "synthetic"})
-        if ckpt["finished"]:
-            print(f"{args.out} already finished all {ckpt['epoch']} epochs; nothing to do", flush=True)
-            return
-    if "warmup_epochs" not in explicit and ckpt is None:
-        # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
-        s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
-    check_settings(s)
-    lam = s["lam"]
-
-    # The synthetic candidates (stage 2), only when the CLSP term is on. The data set, its directory
-    # and image size default to the ones they were made from, so `python clsp.py` just works.
-    syn = None
-    if lam > 0:
-        path = s["synthetic"]
-        syn = load_artifact(path, "generate.py")
-        if "images" not in syn or "data" not in syn:
-            fail(f"{path} is not a generate.py artifact; run `python generate.py` or point --synthetic at one")
-        if ckpt is None:
-            made = dict(dataset=syn["data"]["dataset"], image_size=syn["data"]["image_size"],
-                        data_dir=syn["settings"].get("data_dir") or syn["ddpm"]["settings"]["data_dir"])
-            s.update({k: v for k, v in made.items() if k not in explicit})
-        for k in ("dataset", "image_size"):
-            if syn["data"][k] != s[k]:
-                fail(f"{path} holds synthetic positives for {k.replace('_', ' ')} {syn['data'][k]}, but this run "
-                     f"asks for {s[k]}; run `python generate.py` for that data first, drop --{k.replace('_', '-')}, "
-                     f"or train the SimCLR baseline with --lam 0")
-        if ckpt is not None and {**ckpt["synthetic"], "path": path} != made_from(syn, path):   # may move
-            fail(f"{args.out} was trained with another synthetic set than {path}; point --synthetic at the "
-                 f"one it used, or start a new run without --resume")
-
-    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
-    info = data_info(s["dataset"], x_train, classes)
-    if ckpt is not None and ckpt["data"] != info:
-        fail(f"{args.out} was trained on {ckpt['data']}, but the data found now is {info}; "
-             f"point --data-dir at the original data or start a new run without --resume")
-    N, B = x_train.shape[0], s["batch_size"]
-    if syn is not None:
-        if syn["data"] != info:
-            fail(f"{s['synthetic']} was made from {syn['data']}, but the training data found now is {info}; "
-                 f"point --data-dir at the data it was made from, or run `python generate.py` again")
-        if syn["images"].shape[0] != N:
-            fail(f"{s['synthetic']} has candidates for only {syn['images'].shape[0]} of the {N} training "
-                 f"images (made with --num-anchors?); CLSP needs them for every image: run "
-                 f"`python generate.py` without --num-anchors, or train the SimCLR baseline with --lam 0")
-    if B > N:
-        fail(f"--batch-size {B} is larger than the {N} training images; pass a smaller --batch-size")
-    if ckpt is None:
-        refuse_to_overwrite(args.out, "continue it with `python clsp.py --resume`")
-
-    # The whole data set on the device as uint8: CIFAR-10 is 150 MB, its K = 8 candidates 1.2 GB.
-    mean, std = channel_stats(x_train)                  # of the real training images, once
-    x_train = x_train.to(device)
-    synthetic = syn["images"].to(device) if syn is not None else None
-    if s["knn_every"]:
-        x_test, y_test, _ = load_dataset(s["dataset"], s["data_dir"], "test", s["image_size"])
-        x_test, y_test, y_train = x_test.to(device), y_test.to(device), y_train.to(device)
-    mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-
-    torch.manual_seed(s["seed"])
-    backbone, head = make_backbone(), make_head()
-    # channels_last (NHWC) is the layout tensor cores want on a GPU; on a CPU plain NCHW measured faster.
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    net = nn.Sequential(backbone, head).to(device, memory_format=layout)
-    # SGD with weight decay on every parameter, BatchNorm and biases included (the authors' recipe).
-    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=s["momentum"], weight_decay=s["weight_decay"])
-    V = 3 if syn is not None else 2                      # views per real image: v1, v2 (+ s)
-    # Autocast: bf16 on recent GPUs, fp16 + loss scaling on older ones (ddpm.autocast_dtype says why).
-    amp = autocast_dtype(args.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    n_backbone = sum(p.numel() for p in backbone.parameters())
-    n_head = sum(p.numel() for p in head.parameters())
-    print(f"ResNet-18 {n_backbone / 1e6:.2f} M + head {n_head / 1e6:.2f} M parameters; {N} training images "
-          f"of {info['dataset']} at {info['image_size']}px; lam {lam}, tau {s['tau']}, {V} views per image"
-          + (f", K = {synthetic.shape[1]} candidates each" if syn is not None else " (SimCLR baseline)")
-          + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
-
-    # FLOPs of one training step (forward + backward) for MFU, only where there is a peak to compare
-    # with (a known GPU): counted on a copy with 2 images per view and scaled to the batch. A copy,
-    # because the count would otherwise nudge BatchNorm's running statistics.
-    peak, flops_per_step = peak_flops(device), None
-    if peak:
-        def small_step(m=copy.deepcopy(net)):
-            m(torch.zeros(2 * V, 3, s["image_size"], s["image_size"], device=device)).sum().backward()
-        flops_per_step = count_flops(small_step) / (2 * V) * V * B
-
-    steps_per_epoch = N // B                            # drop_last: every step sees a full batch
-    total_steps = s["epochs"] * steps_per_epoch
-    step = 0
-    if ckpt is not None:
-        backbone.load_state_dict(ckpt["backbone"])
-        head.load_state_dict(ckpt["head"])
-        step = restore_training_state(ckpt, opt, scaler, device)
-        print(f"resuming {args.out} at epoch {ckpt['epoch']}/{s['epochs']} (step {step})", flush=True)
-
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True           # fixed shapes: let cuDNN pick its fastest kernels
-    compiled = compile_enabled(args.compile, device)
-    train_step = make_train_step(net, opt, scaler, amp, compiled, lam, s["tau"], mean_t, std_t, layout)
-
-    def save(final=False):
-        atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), epoch=step // steps_per_epoch,
-                         step=step, settings=s, data=info, classes=classes,
-                         synthetic=None if syn is None else made_from(syn, s["synthetic"]),
-                         norm=dict(mean=mean, std=std), finished=final,
-                         num_params=dict(backbone=n_backbone, head=n_head),
-                         **training_state(opt, scaler, device)),
-                    args.out)
-
-    progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
-                        flops_per_step and flops_per_step * steps_per_epoch, peak, warming=compiled)
-    loss_sums = torch.zeros(2, device=device)          # L_simclr, L_clsp summed on the device: no host sync
-    n_summed, epoch_of_perm = 0, None
-    stop = StopFlag()                                   # Ctrl-C: stop at the end of the step, then save
-    net.train()
-    while step < total_steps:
-        epoch, i = divmod(step, steps_per_epoch)
-        if epoch != epoch_of_perm:                     # a new epoch: a new, seeded order (resumable)
-            perm, epoch_of_perm = epoch_order(N, s["seed"], epoch, device), epoch
-        idx = perm[i * B:(i + 1) * B]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, s, steps_per_epoch)
-        l_simclr, l_clsp = train_step(x_train[idx], pick_candidates(synthetic, idx) if synthetic is not None else None)
-        step += 1
-        loss_sums += torch.stack([l_simclr, l_clsp])
-        n_summed += 1
-
-        if step % steps_per_epoch == 0:            # end of an epoch: one host sync
-            done = step // steps_per_epoch
-            l_s, l_c = (loss_sums / n_summed).tolist()
-            if not (math.isfinite(l_s) and math.isfinite(l_c)):   # checked before anything is saved
-                fail(f"the loss became {l_s + lam * l_c} in epoch {done}; the last good checkpoint "
-                     f"{args.out} (if any) is kept; start a new run with a lower --lr")
-            metrics = dict(L_simclr=l_s, **({"L_clsp": l_c} if V == 3 else {}))
-            metrics["lr"] = f"{lr_at(step - 1, s, steps_per_epoch):.2e}"
-            if s["knn_every"] and (done % s["knn_every"] == 0 or done == s["epochs"]):
-                acc = knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, s["knn_k"], s["knn_T"], amp)
-                metrics["kNN"] = f"{100 * acc:.2f}%"
-            if progress.warmup == "compiling":      # speed and time left from the second epoch on
-                progress.warmed_up(done, "compile + first epoch")
-            progress.line(done, **metrics)
-            save(final=(step == total_steps))
-            loss_sums.zero_()
-            n_summed = 0
-            if done == args.stop_after_epoch and step < total_steps:
-                stop.requested = True              # as if Ctrl-C were pressed now (to try --resume)
-        if stop.requested:                         # at a step boundary: weights, momentum and RNG agree
-            if n_summed and not bool(torch.isfinite(loss_sums).all()):   # never save a diverged partial epoch
-                fail(f"interrupted at step {step} after the loss became non-finite; {args.out} keeps "
-                     f"the last good epoch; start a new run with a lower --lr")
-            save(final=(step == total_steps))      # a stop during the very last step still finishes
-            raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
-                             f"saved {args.out}: continue with `python clsp.py --resume --out {args.out}`")
-    stop.release()
-    print(f"wrote {args.out} ({s['epochs']} epoch{'s' * (s['epochs'] != 1)})", flush=True)
-
-
 if __name__ == "__main__":
     run_main(main, sys.argv[1:], "rerun with a smaller --batch-size (the learning rate scales with it; "
-                                 "a saved checkpoint is kept)")
+                                 "a saved checkpoint is kept)",
+             "the last epoch saved in --out is kept: continue with --resume")

@@ -7,10 +7,22 @@ the UNet's bottleneck features h towards those of a real training image x_a, the
     h, skips, temb = encode(x_t, t)                       # the sample's own features
     eps = decode(w * h + (1 - w) * h_anchor, skips, temb) # interpolate the bottleneck only
 
-at every step of a DDIM sampler (Song et al. 2021). The deep features h carry what the image shows, the
-skip connections carry how it looks, so the result keeps the anchor's content with a new background,
-pose and colour: a *hard* positive. The authors use w = 0.1 (90% anchor), S = 100 DDIM steps,
-eta = 0.1 and K = 8 candidates for each of the 50,000 training images (400,000 images, 1.2 GB).
+at every step of a DDIM sampler (Song et al. 2021, eq. 12). The deep features h carry what the image
+shows, the skip connections carry how it looks, so the result keeps the anchor's content with a new
+background, pose and colour: a *hard* positive. The authors use w = 0.1 (90% anchor), S = 100 DDIM
+steps, eta = 0.1 and K = 8 candidates for each of the 50,000 training images (400,000 images, 1.2 GB).
+The whole loop, line by line (`interpolated_ddim_sample` below is exactly this):
+
+    x = randn                                                # x_T
+    for (t, t_next) in (999, 989), (989, 979), ..., (9, -1): # S steps
+        xa_t = sqrt(abar_t) x_a + sqrt(1 - abar_t) randn     # the anchor, re-noised with fresh noise
+        h, skips, temb = encode(x, t);  h_a = encode(xa_t, t)[0]
+        eps = decode(w h + (1 - w) h_a, skips, temb)         # the sample's skips, the mixed bottleneck
+        x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)       # the model's guess of the clean image
+        if t_next < 0: x = x0; break
+        sigma = eta sqrt((1 - abar_next) / (1 - abar_t)) sqrt(1 - abar_t / abar_next)
+        x = sqrt(abar_next) x0 + sqrt(1 - abar_next - sigma^2) eps + sigma randn
+    image = round((clip(x, -1, 1) + 1) * 127.5) as uint8
 
     python generate.py                              # standard preset: K = 8, S = 100, every training image
     python generate.py --preset quick               # K = 2, S = 25: for the ~10 minute pipeline
@@ -21,11 +33,12 @@ Reads:  runs/ddpm.pt (the EMA weights; its data set and image size are the defau
         training images (the anchors, in the order ddpm.load_dataset gives them).
 Writes: runs/synthetic.pt: images uint8 [N, K, 3, S, S], candidate k of training image i is images[i, k];
         runs/synthetic_preview.png: each row an anchor (first column) and its K candidates;
-        runs/synthetic_w_sweep.png: the same anchors sampled with w = 0, 0.1, 0.25, 0.5, 1.
-        While it runs, finished batches are kept in runs/synthetic.pt.parts/, so an interrupted run,
-        restarted with the same command, resumes where it stopped.
+        runs/synthetic_w_sweep.png: anchors sampled with w = 0, 0.1, 0.25, 0.5, 1 (columns labelled);
+        the pictures are named after --out. While it runs, finished batches are kept in
+        runs/synthetic.pt.parts/, so an interrupted run, restarted with the same command, resumes where
+        it stopped, and the result is the one an uninterrupted run gives.
 Time:   tiny: about 6 s on an idle 2-core CPU. On a GPU: not yet measured (the goal is the
-        full standard set, 400,000 images x 100 steps, in under 15 minutes on one H100).
+        full standard set, 400,000 images x 100 steps, in at most 10 minutes on one H100).
 """
 
 import argparse
@@ -37,9 +50,10 @@ import time
 
 import torch
 
-from ddpm import (PRECISIONS, Progress, atomic_save, autocast_dtype, build_unet, compile_enabled, count_flops, ddim_step,
-                  ddim_timesteps, data_info, fail, load_artifact, load_dataset, make_schedule, peak_flops,
-                  pick_device, q_sample, refuse_to_overwrite, resolve_settings, run_main, save_grid, to_uint8)
+from ddpm import (Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside, build_unet, claim_output,
+                  compile_enabled, count_flops, data_info, ddim_step, ddim_timesteps, describe_data, fail,
+                  load_artifact, load_dataset, make_schedule, peak_flops, pick_device, q_sample, refuse_to_overwrite,
+                  resolve_settings, run_hint, run_main, save_grid, settings_adder, to_uint8)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -64,13 +78,45 @@ PRESETS = {
     # part of the ~10 minute pipeline. K = 2 gives about half of the gain of K = 8 in the authors' K
     # ablation on CIFAR-10 (linear 92.24 at K = 1, 93.29 at K = 2, 94.37 at K = 8), less on CIFAR-100.
     # S = 25 DDIM steps loses little (Song et al., CIFAR-10 FID at eta 0: 6.84 with 20 steps, 4.16 with
-    # 100). 50,000 x 2 x 25 = 2.5 M sampler steps: a minute or two on an H100 (a reasoned guess, not yet
-    # measured).
+    # 100). 50,000 x 2 x 25 = 2.5 M sampler steps (its GPU time is not yet measured).
     "quick": dict(K=2, S=25),
     "standard": dict(),
     "paper": dict(),    # the standard preset already is the authors' recipe (their bigger UNet is ddpm.py's)
 }
 SWEEP_W = [0.0, 0.1, 0.25, 0.5, 1.0]   # the columns of synthetic_w_sweep.png; w = 1 is plain sampling
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 2 of CLSP: synthetic positives by interpolated DDIM sampling.")
+    add = settings_adder(p, DEFAULTS, PRESETS)
+    add("--dataset", "cifar10 | cifar100 | folder (default: the DDPM's)")
+    add("--data-dir", "where the training images are (default: where the DDPM found them)")
+    add("--image-size", "must be the DDPM's (default: the DDPM's)", type=int)
+    add("--seed", "random seed of the samples", type=int)
+    add("--w", "weight of the sample's own bottleneck, in [0, 1]; 1 = plain sampling", type=float)
+    add("--steps", "DDIM steps S", dest="S", type=int)
+    add("--eta", "DDIM noise, 0 = deterministic, in [0, 1]", type=float)
+    add("--K", "candidates per training image", type=int)
+    add("--num-anchors", "only the first N training images (default: all)", type=int)
+    add("--batch-size", "images per batch, best a multiple of K", type=int)
+    add_run_flags(p, "the sampler's model call")
+    p.add_argument("--ddpm", default="runs/ddpm.pt", help="the DDPM checkpoint made by ddpm.py (default: %(default)s)")
+    p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write (default: %(default)s)")
+    p.add_argument("--preview", help="anchors and their candidates (default: beside --out, runs/synthetic_preview.png)")
+    p.add_argument("--sweep", help="the same anchors across w (default: beside --out, runs/synthetic_w_sweep.png)")
+    return p.parse_args(argv)
+
+
+def check_settings(s):
+    if not 0 <= s["w"] <= 1:
+        fail(f"--w must be in [0, 1] (1: plain sampling, 0: only the anchor's bottleneck), got {s['w']}")
+    if not 0 <= s["eta"] <= 1:   # above 1 the DDIM update would take the square root of a negative number
+        fail(f"--eta must be in [0, 1] (0: deterministic DDIM), got {s['eta']}")
+    for k, flag in (("K", "--K"), ("S", "--steps"), ("batch_size", "--batch-size")):
+        if s[k] < 1:
+            fail(f"{flag} must be a positive whole number, got {s[k]}")
+    if s["num_anchors"] is not None and s["num_anchors"] < 1:
+        fail(f"--num-anchors must be a positive whole number, got {s['num_anchors']}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,52 +184,70 @@ def mean_abs_diff(a, b):
 
 
 # ------------------------------------------------------------------------------------------------
-# Settings, checkpoint and data: every mismatch is refused with a sentence that says what to run.
+# The run: every training image's K candidates, batch by batch, then the pictures and the numbers.
 # ------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 2 of CLSP: synthetic positives by interpolated DDIM sampling.")
-    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper (default: %(default)s)")
-    p.add_argument("--dataset", help="cifar10 | cifar100 | folder (default: the DDPM's)")
-    p.add_argument("--data-dir", help="where the training images are (default: where the DDPM found them)")
-    p.add_argument("--image-size", type=int, help="must be the DDPM's (default: the DDPM's)")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, help="random seed of the samples (standard: 0)")
-    p.add_argument("--w", type=float,
-                   help="weight of the sample's own bottleneck, in [0, 1]; 1 = plain sampling (standard: 0.1)")
-    p.add_argument("--steps", dest="S", type=int, help="DDIM steps S (standard: 100)")
-    p.add_argument("--eta", type=float, help="DDIM noise, 0 = deterministic, in [0, 1] (standard: 0.1)")
-    p.add_argument("--K", type=int, help="candidates per training image (standard: 8)")
-    p.add_argument("--num-anchors", type=int, help="only the first N training images (standard: all)")
-    p.add_argument("--batch-size", type=int, help="images per batch, best a multiple of K (standard: 2048)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the sampler's model call (default: on with a CUDA GPU, off on a CPU)")
-    p.add_argument("--ddpm", default="runs/ddpm.pt", help="the DDPM checkpoint made by ddpm.py (default: %(default)s)")
-    p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write (default: %(default)s)")
-    p.add_argument("--preview", default="runs/synthetic_preview.png", help="anchors and their candidates (default: %(default)s)")
-    p.add_argument("--sweep", default="runs/synthetic_w_sweep.png", help="the same anchors across w (default: %(default)s)")
-    return p.parse_args(argv)
+def main(argv=None):
+    args = parse_args(argv)
+    s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
+    check_settings(s)
+    device = pick_device(args.device, args.preset)
+    ckpt = load_ddpm(args.ddpm, s, explicit)                  # fills in the DDPM's data set and size
+    x_train, info = load_anchors(s, ckpt, args.ddpm)
+    preview, sweep_png = args.preview or beside(args.out, "_preview.png"), args.sweep or beside(args.out, "_w_sweep.png")
 
+    with claim_output(args.out, preview, sweep_png):          # no other run writes these until this one ends
+        refuse_to_overwrite(args.out, f"it is ready for {run_hint('clsp.py')}")
+        unet, abar, amp, compiled = load_sampler(ckpt, args, device)
+        # On a GPU the sampler's model call (2 encoder passes, the interpolation, 1 decoder pass) is
+        # compiled once for its fixed batch shape: eager, a batch of 2,048 took as long in bf16 as in fp32
+        # (114 ms a forward pass on an H200), bound by GroupNorm, SiLU and the casts between them, which
+        # inductor fuses. At this batch size the GPU, not the kernel launches, is the limit, so no CUDA
+        # graphs ("reduce-overhead") here.
+        eps_fn = torch.compile(interpolated_eps) if compiled else interpolated_eps
+        K, N = s["K"], s["num_anchors"]
+        A = max(1, s["batch_size"] // K)           # anchors per batch, each repeated K times
+        rows = A * K                               # every sampler call has this many images (padded)
 
-def check_settings(s):
-    if not 0 <= s["w"] <= 1:
-        fail(f"--w must be in [0, 1] (1: plain sampling, 0: only the anchor's bottleneck), got {s['w']}")
-    if not 0 <= s["eta"] <= 1:   # above 1 the DDIM update would take the square root of a negative number
-        fail(f"--eta must be in [0, 1] (0: deterministic DDIM), got {s['eta']}")
-    for k, flag in (("K", "--K"), ("S", "--steps"), ("batch_size", "--batch-size")):
-        if s[k] < 1:
-            fail(f"{flag} must be a positive whole number, got {s[k]}")
-    if s["num_anchors"] is not None and s["num_anchors"] < 1:
-        fail(f"--num-anchors must be a positive whole number, got {s['num_anchors']}")
+        def sample(anchors, K, w, b):
+            return make_candidates(unet, anchors, K, w, s["S"], s["eta"], s["seed"], b, abar, rows, amp, eps_fn)
+
+        print(f"{N} anchors x K = {K} candidates, S = {s['S']} DDIM steps, w = {s['w']}, eta = {s['eta']}; "
+              f"{A} anchors ({rows} images) per batch; DDPM {args.ddpm} (step {ckpt['step']}); device {device}, "
+              f"autocast {amp or 'off (fp32)'}, compile {'on (the first batch compiles)' if compiled else 'off'}",
+              flush=True)
+        parts = args.out + ".parts"
+        manifest = dict(settings={**{k: v for k, v in s.items() if k not in ("data_dir", "preview_anchors")},
+                                  "autocast": str(amp or "fp32"), "compile": compiled},   # other pixels
+                        data=info, ddpm=dict(step=ckpt["step"], fingerprint=weights_fingerprint(ckpt["ema"])))
+        flops = peak_flops(device) and K * s["S"] * flops_per_sampler_step(unet, s["image_size"], device)
+        images, timing = make_all(sample, x_train, A, K, parts, manifest, s, compiled, flops, peak_flops(device))
+
+        # The w sweep: anchors spread over the data set (a folder sorted by class shows several classes),
+        # as many as one batch holds, sampled once per w with the same random streams (batch index -1),
+        # so only w changes from column to column.
+        idx = torch.linspace(0, N - 1, min(rows, N)).round().long()
+        real = x_train[idx].cpu()
+        sweep = [sample(x_train[idx], 1, w, -1)[:, 0] for w in SWEEP_W]
+        show = torch.linspace(0, len(idx) - 1, min(s["preview_anchors"], len(idx))).round().long()
+        save_grid(torch.cat([real[show, None], images[idx[show]]], 1).flatten(0, 1), preview, nrow=1 + K,
+                  labels=["anchor"] + [f"k={k}" for k in range(K)])
+        save_grid(torch.stack([real[show]] + [x[show] for x in sweep], 1).flatten(0, 1), sweep_png,
+                  nrow=1 + len(SWEEP_W), labels=["anchor"] + [f"w={w:g}" for w in SWEEP_W])
+
+        summary = {**distances(images, x_train, real, sweep, K), **timing}
+        atomic_save(dict(images=images, anchor_index=torch.arange(N), settings=s, data=info,
+                         ddpm=dict(path=args.ddpm, step=ckpt["step"], settings=ckpt["settings"]),
+                         summary=summary), args.out)
+        shutil.rmtree(parts)                        # only now: the final file is complete
+    print(f"wrote {args.out} ({N} x {K} candidates, {images.numel() / 1e6:.0f} MB), {preview} and {sweep_png}",
+          flush=True)
 
 
 def load_ddpm(path, s, explicit):
-    """The DDPM checkpoint, refused unless it has EMA weights and fits the data set and size asked for."""
-    ckpt = load_artifact(path, "ddpm.py")
-    if not isinstance(ckpt, dict) or not {"ema", "settings", "data"} <= ckpt.keys():
-        fail(f"{path} is not a ddpm.py checkpoint with EMA weights; run `python ddpm.py` to make one")
+    """The DDPM checkpoint, refused unless it has EMA weights and fits the data set and size asked for;
+    the data set, folder and size not given as flags are taken from it."""
+    ckpt = load_artifact(path, "ddpm.py", ("ema", "settings", "data", "step"), "a ddpm.py checkpoint with EMA weights")
     ds = ckpt["settings"]
     for key, flag in (("dataset", "--dataset"), ("image_size", "--image-size")):
         if key in explicit and explicit[key] != ds[key]:
@@ -196,164 +260,149 @@ def load_ddpm(path, s, explicit):
     if not ckpt.get("finished", True):
         print(f"note: {path} is an unfinished run (step {ckpt.get('step')}/{ds.get('steps')}); "
               f"`python ddpm.py --resume` finishes it and gives better candidates", flush=True)
+    for key in ("dataset", "data_dir", "image_size"):          # default to what the DDPM was trained on
+        s[key] = s[key] if s[key] is not None else ds[key]
     return ckpt
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
-    check_settings(s)
-    device = pick_device(args.device)
-    ckpt = load_ddpm(args.ddpm, s, explicit)
-    ds = ckpt["settings"]
-    for key in ("dataset", "data_dir", "image_size"):          # default to what the DDPM was trained on
-        s[key] = s[key] if s[key] is not None else ds[key]
-
-    # The anchors: the training split exactly as ddpm.py saw it (no augmentation), so anchor i is image i.
-    x_train, _, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
-    info = data_info(s["dataset"], x_train, classes)
+def load_anchors(s, ckpt, ddpm_path):
+    """The anchors: the training split exactly as ddpm.py saw it (no augmentation), so anchor i is
+    image i; refused unless it is the very data the DDPM was trained on (same fingerprint)."""
+    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
+    info = data_info(s["dataset"], x_train, y_train, classes)
     if info != ckpt["data"]:
-        fail(f"the training data under {s['data_dir']!r} ({info}) is not what {args.ddpm} was trained on "
-             f"({ckpt['data']}); the folder may have changed: point --data-dir at the data ddpm.py used, "
-             f"or retrain with `python ddpm.py --dataset {s['dataset']} --data-dir {s['data_dir']}`")
+        fail(f"the training data under {s['data_dir']!r} ({describe_data(info)}) is not what {ddpm_path} was "
+             f"trained on ({describe_data(ckpt['data'])}); the folder may have changed: point --data-dir at the "
+             f"data ddpm.py used, or retrain with `python ddpm.py --dataset {s['dataset']} --data-dir {s['data_dir']}`")
     N = info["num_train"] if s["num_anchors"] is None else s["num_anchors"]
     if N > info["num_train"]:
         fail(f"--num-anchors {N} is more than the {info['num_train']} training images; pass at most that")
     s["num_anchors"] = N                       # recorded as a number: "all" and "--num-anchors N" agree
-    K = s["K"]
-    A = max(1, s["batch_size"] // K)           # anchors per batch, each repeated K times
-    n_batches = math.ceil(N / A)
-    x_train = x_train[:N].to(device)           # uint8 on the device: 150 MB for all of CIFAR-10
+    return x_train[:N], info
 
-    # The EMA weights in eval mode (dropout off), as the authors sample.
-    unet = build_unet(ds)
+
+def load_sampler(ckpt, args, device):
+    """The EMA weights in eval mode (dropout off), as the authors sample, with the noise schedule, the
+    autocast dtype and whether to compile."""
+    unet = build_unet(ckpt["settings"])
     try:
         unet.load_state_dict(ckpt["ema"])
     except RuntimeError:
-        fail(f"the EMA weights in {args.ddpm} do not fit its own settings; retrain with `python ddpm.py`")
+        fail(f"the EMA weights in {args.ddpm} do not fit its own settings; retrain with {run_hint('ddpm.py')}")
     unet = unet.to(device).eval().requires_grad_(False)   # NCHW: ddpm.py says why, not channels_last
+    ds = ckpt["settings"]
     abar = make_schedule(ds["T"], ds["beta_1"], ds["beta_T"]).to(device)
-    amp = autocast_dtype(args.precision, device)   # bf16 on recent GPUs, fp16 on older ones, CPU: fp32
-    # FLOPs of one sampler step on one image (2 encodes + 1 decode), for the MFU on a known GPU.
-    peak, flops_step = peak_flops(device), None
-    if peak:
-        with torch.no_grad():
-            x1 = torch.zeros(1, 3, s["image_size"], s["image_size"], device=device)
-            t1 = torch.zeros(1, dtype=torch.long, device=device)
-            flops_step = count_flops(lambda: interpolated_eps(unet, x1, x1, t1, s["w"]))
-    # On a GPU the sampler's model call (2 encoder passes, the interpolation, 1 decoder pass) is compiled
-    # once for its fixed batch shape: eager, a batch of 2,048 took as long in bf16 as in fp32 (114 ms a
-    # forward pass), bound by GroupNorm, SiLU and the casts between them, which inductor fuses. At this
-    # batch size the GPU, not the kernel launches, is the limit, so no CUDA graphs ("reduce-overhead").
-    compiled = compile_enabled(args.compile, device)
-    eps_fn = torch.compile(interpolated_eps) if compiled else interpolated_eps
-    print(f"{N} anchors x K = {K} candidates, S = {s['S']} DDIM steps, w = {s['w']}, eta = {s['eta']}; "
-          f"{A} anchors ({A * K} images) per batch; DDPM {args.ddpm} (step {ckpt['step']}); device {device}, "
-          f"autocast {amp or 'off (fp32)'}, compile {'on (the first batch compiles, about a minute)' if compiled else 'off'}",
-          flush=True)
+    amp = autocast_dtype(args.precision, device)          # bf16 on recent GPUs, fp16 on older ones, CPU: fp32
+    return unet, abar, amp, compile_enabled(args.compile, device)
 
-    # Resuming: finished batches live in <out>.parts/ next to a manifest of what made them. Only a run
-    # with the same manifest may use them, so one candidate set never mixes two settings or two DDPMs.
-    refuse_to_overwrite(args.out, "it is ready for `python clsp.py`")
-    parts = args.out + ".parts"
-    fingerprint = float(sum(v.double().abs().sum() for v in ckpt["ema"].values() if v.is_floating_point()))
-    manifest = dict(settings={**{k: v for k, v in s.items() if k not in ("data_dir", "preview_anchors")},
-                              "autocast": str(amp or "fp32"), "compile": compiled},   # other pixels
-                    data=info, ddpm=dict(step=ckpt["step"], fingerprint=fingerprint))
+
+def weights_fingerprint(state):
+    """A number that changes when the DDPM's weights do: the batches of an unfinished run are reused
+    only with the very DDPM that made them."""
+    return float(sum(v.double().abs().sum() for v in state.values() if v.is_floating_point()))
+
+
+def make_all(sample, x_train, A, K, parts, manifest, s, compiled, flops_per_anchor, peak):
+    """All candidates, batch b making those of anchors b*A .. b*A+A-1 from its own random streams.
+    Finished batches are kept in `parts` beside a manifest of what made them; only a run with the same
+    manifest may use them, so one candidate set never mixes two settings or two DDPMs. Ctrl-C (or
+    SIGTERM) stops after the current batch, which is kept."""
+    N = x_train.shape[0]
+    n_batches = math.ceil(N / A)
     chunk_path = lambda b: os.path.join(parts, f"batch_{b:06d}.pt")
-    chunks = {}
-    if os.path.isdir(parts):
-        try:
-            old = torch.load(os.path.join(parts, "manifest.pt"), weights_only=True)
-        except Exception:
-            fail(f"{parts} holds an unfinished run but no readable manifest; delete {parts} and run again")
-        if old != manifest:
-            diff = {k: (old["settings"].get(k), v) for k, v in manifest["settings"].items()
-                    if old["settings"].get(k) != v}
-            fail(f"{parts} holds an unfinished run made with other settings or another DDPM "
-                 f"({diff or 'the DDPM checkpoint or the data changed'}, as (then, now)); rerun with the old "
-                 f"settings to finish it, or delete {parts} to start afresh")
-        for b in range(n_batches):
-            try:
-                chunks[b] = torch.load(chunk_path(b), weights_only=True)["images"]
-            except Exception:
-                pass                            # not written yet (or unreadable): it is simply made again
-        print(f"resuming: {len(chunks)}/{n_batches} batches already done in {parts}", flush=True)
-    else:
-        os.makedirs(parts)
-        atomic_save(manifest, os.path.join(parts, "manifest.pt"))
-
-    # ------------------------------------------------------------------------------------------------
-    # The main loop: batch b makes the candidates of anchors b*A .. b*A+A-1, from its own random streams.
-    # ------------------------------------------------------------------------------------------------
+    chunks = resume_parts(parts, manifest, n_batches, chunk_path)
     done = sum(c.shape[0] for c in chunks.values())
-    progress = Progress(N, done, "anchor", K, flops_step and K * s["S"] * flops_step, peak, warming=compiled)
+    progress = Progress(N, done, "anchor", K, flops_per_anchor, peak, warming=compiled)
     t_start = t0 = time.perf_counter()
-    made = 0
-    rows = A * K                               # every sampler call has this many images (padded)
-
-    def sample(anchors, K, w, b):
-        return make_candidates(unet, anchors, K, w, s["S"], s["eta"], s["seed"], b, abar, rows, amp, eps_fn)
-
+    made, stop = 0, StopFlag()
     try:
         for b in range(n_batches):
             if b in chunks:
                 continue
             chunks[b] = sample(x_train[b * A:(b + 1) * A], K, s["w"], b)
-            atomic_save({"images": chunks[b]}, chunk_path(b))   # the .cpu() above waited for the GPU
+            atomic_save({"images": chunks[b]}, chunk_path(b))    # the .cpu() in it waited for the GPU
             done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
             if progress.warmup == "compiling":
                 progress.warmed_up(done, "compile")
-                t0, made = time.perf_counter(), 0   # images/s below: after the compile
+                t0, made = time.perf_counter(), 0   # images/s: after the compile
             if progress.due(10) or done == N:       # a line every ~10 s
                 progress.line(done, batch=f"{b + 1}/{n_batches}")
-        images = torch.cat([chunks[b] for b in range(n_batches)])  # [N, K, 3, S, S], row i = anchor i
-        seconds, rate = time.perf_counter() - t_start, made / (time.perf_counter() - t0) if made else None
-
-        # The w sweep: anchors spread over the data set (a folder sorted by class shows several classes),
-        # as many as one batch holds, sampled once per w with the same random streams (batch index -1),
-        # so only w changes from column to column.
-        idx = torch.linspace(0, N - 1, min(rows, N)).round().long()
-        real = x_train[idx].cpu()
-        sweep = [sample(x_train[idx], 1, w, -1)[:, 0] for w in SWEEP_W]
-        # Pictures of a few of them: each anchor with its K candidates, and the same anchor across w.
-        show = torch.linspace(0, len(idx) - 1, min(s["preview_anchors"], len(idx))).round().long()
-        save_grid(torch.cat([real[show, None], images[idx[show]]], 1).flatten(0, 1), args.preview, nrow=1 + K)
-        save_grid(torch.stack([real[show]] + [x[show] for x in sweep], 1).flatten(0, 1), args.sweep,
-                  nrow=1 + len(SWEEP_W))
+            if stop.requested and done < N:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         fail(f"interrupted with {done}/{N} anchors done; the finished batches are kept in {parts}: "
              f"rerun the same command to resume")
     except torch.cuda.OutOfMemoryError:
         fail(f"out of GPU memory at --batch-size {s['batch_size']}; rerun with a smaller --batch-size "
              f"(and delete {parts}: its batches were made with this batch size)")
+    finally:
+        stop.release()
+    rate = made / (time.perf_counter() - t0) if made else None
+    return torch.cat([chunks[b] for b in range(n_batches)]), dict(seconds=time.perf_counter() - t_start,
+                                                                  images_per_second=rate)
 
-    # The effect, measured: how far the candidates are from their anchor, and from each other, with two
-    # unrelated training images for scale. On at most the first 1000 anchors (enough for a mean).
-    n = min(N, 1000)
+
+def resume_parts(parts, manifest, n_batches, chunk_path):
+    """The batches an interrupted run with the same manifest finished, or a new, empty parts folder."""
+    chunks = {}
+    if not os.path.isdir(parts):
+        os.makedirs(parts)
+        atomic_save(manifest, os.path.join(parts, "manifest.pt"))
+        return chunks
+    try:
+        old = torch.load(os.path.join(parts, "manifest.pt"), weights_only=True)
+    except Exception:
+        fail(f"{parts} holds an unfinished run but no readable manifest; delete {parts} and run again")
+    if old != manifest:
+        diff = {k: (old["settings"].get(k), v) for k, v in manifest["settings"].items()
+                if old["settings"].get(k) != v}
+        fail(f"{parts} holds an unfinished run made with other settings or another DDPM "
+             f"({diff or 'the DDPM checkpoint or the data changed'}, as (then, now)); rerun with the old "
+             f"settings to finish it, or delete {parts} to start afresh")
+    for name in os.listdir(parts):
+        if ".tmp" in name:
+            os.remove(os.path.join(parts, name))    # a save that a kill cut short
+    for b in range(n_batches):
+        try:
+            chunks[b] = torch.load(chunk_path(b), weights_only=True)["images"]
+        except Exception:
+            pass                            # not written yet (or unreadable): it is simply made again
+    print(f"resuming: {len(chunks)}/{n_batches} batches already done in {parts}", flush=True)
+    return chunks
+
+
+def flops_per_sampler_step(unet, image_size, device):
+    """FLOPs of one sampler step on one image (2 encodes + 1 decode), for the MFU on a known GPU."""
+    x1 = torch.zeros(1, 3, image_size, image_size, device=device)
+    t1 = torch.zeros(1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        return count_flops(lambda: interpolated_eps(unet, x1, x1, t1, 0.5))
+
+
+def distances(images, x_train, real, sweep, K):
+    """The effect, measured in pixels: how far the candidates are from their anchor and from each other,
+    with two unrelated training images for scale (on at most the first 1000 anchors), and how far a
+    sample moves from its anchor as w goes from 0 (all anchor) to 1 (plain sampling)."""
+    n = min(images.shape[0], 1000)
     c, a = images[:n], x_train[:n].cpu()
-    summary = dict(
+    d = dict(
         metric="mean |pixel difference| in [0, 255] units (L1 per colour value)", anchors_measured=n,
         anchor_to_candidate=mean_abs_diff(c, a[:, None]),
         between_candidates=(sum(mean_abs_diff(c[:, i], c[:, j]) for i in range(K) for j in range(i + 1, K))
                             / (K * (K - 1) / 2)) if K > 1 else None,
         anchor_to_other_image=mean_abs_diff(a, a.roll(1, 0)) if n > 1 else None,
         anchor_to_sample_by_w={str(w): mean_abs_diff(x, real) for w, x in zip(SWEEP_W, sweep)},
-        seconds=seconds, images_per_second=rate)
+        sweep_anchors=real.shape[0])
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
-    print(f"summary: {summary['metric']}, over the first {n} anchors\n"
-          f"  anchor    <-> its candidates:             {fmt(summary['anchor_to_candidate'])}\n"
-          f"  candidate <-> candidate, same anchor:     {fmt(summary['between_candidates'])}\n"
-          f"  anchor    <-> another training image:     {fmt(summary['anchor_to_other_image'])}  (for scale)\n"
-          f"  anchor    <-> sample by w ({len(idx)} anchors):  "
-          + ", ".join(f"w={w}: {v:.1f}" for w, v in summary["anchor_to_sample_by_w"].items()), flush=True)
-
-    atomic_save(dict(images=images, anchor_index=torch.arange(N), settings=s, data=info,
-                     ddpm=dict(path=args.ddpm, step=ckpt["step"], settings=ds), summary=summary), args.out)
-    shutil.rmtree(parts)                        # only now: the final file is complete
-    print(f"wrote {args.out} ({N} x {K} candidates, {images.numel() / 1e6:.0f} MB), {args.preview} "
-          f"and {args.sweep}", flush=True)
+    print(f"summary: {d['metric']}, over the first {n} anchors\n"
+          f"  anchor    <-> its candidates:             {fmt(d['anchor_to_candidate'])}\n"
+          f"  candidate <-> candidate, same anchor:     {fmt(d['between_candidates'])}\n"
+          f"  anchor    <-> another training image:     {fmt(d['anchor_to_other_image'])}  (for scale)\n"
+          f"  anchor    <-> sample by w ({real.shape[0]} anchors):  "
+          + ", ".join(f"w={w}: {v:.1f}" for w, v in d["anchor_to_sample_by_w"].items()), flush=True)
+    return d
 
 
 if __name__ == "__main__":
-    run_main(main, sys.argv[1:], "rerun with a smaller --batch-size")
+    run_main(main, sys.argv[1:], "rerun with a smaller --batch-size",
+             "the finished batches are kept in <out>.parts/: rerun the same command to resume")

@@ -32,7 +32,6 @@ import os
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn

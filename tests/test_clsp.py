@@ -231,13 +231,13 @@ def make_fake_synthetic(root, data_dir, image_size, K=3, num_anchors=None):
     """root/runs/synthetic.pt in generate.py's format (data_dir relative to root, as a user in root would
     have run it) whose candidates are the anchors shifted by k pixels."""
     path = os.path.join(root, "runs", "synthetic.pt")
-    x, _, classes = ddpm.load_dataset("folder", os.path.join(root, data_dir), "train", image_size)
+    x, y, classes = ddpm.load_dataset("folder", os.path.join(root, data_dir), "train", image_size)
     n = x.shape[0] if num_anchors is None else num_anchors
     images = torch.stack([x[:n].roll(k, dims=-1) for k in range(K)], dim=1)
     ddpm.atomic_save(dict(images=images, anchor_index=torch.arange(n),
                           settings=dict(w=0.1, S=5, eta=0.1, K=K, num_anchors=n, seed=0, batch_size=32,
                                         dataset="folder", data_dir=data_dir, image_size=image_size),
-                          data=ddpm.data_info("folder", x, classes),
+                          data=ddpm.data_info("folder", x, y, classes),
                           ddpm=dict(path="runs/ddpm.pt", step=20, settings=dict(data_dir=data_dir)),
                           summary={}), path)
 

@@ -167,12 +167,14 @@ def test_cli_tiny_writes_a_safe_artifact_and_a_picture(chain):
     root = chain.upto("ddpm.py")
     ckpt = torch.load(os.path.join(root, "runs", "ddpm.pt"), weights_only=True)
     assert ckpt["step"] == ckpt["settings"]["steps"] == 20 and ckpt["finished"]
+    fingerprint = ckpt["data"].pop("fingerprint")       # a hash of the pixels and labels
     assert ckpt["data"] == dict(dataset="folder", image_size=16, num_classes=4, num_train=64)
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
     assert set(ckpt["ema"]) == set(ckpt["model"])
     assert ckpt["scaler"] == {}                        # fp32 on a CPU: no loss scaling
     from PIL import Image
     img = Image.open(os.path.join(root, "runs", "ddpm_samples.png"))
-    assert img.size == (8 * 18 + 2, 8 * 18 + 2)        # 8x8 tiles of 16 px with 2-px borders
+    assert img.size == (8 * 66 + 2, 8 * 66 + 2)        # 8x8 tiles of 16 px, enlarged 4x, with 2-px borders
 
 
 def test_out_of_gpu_memory_is_one_sentence_that_says_what_to_change():

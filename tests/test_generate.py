@@ -175,9 +175,10 @@ def test_tiny_chain_writes_the_candidate_set(chain):
     assert set(summ["anchor_to_sample_by_w"]) == {"0.0", "0.1", "0.25", "0.5", "1.0"}
     assert 0 <= summ["anchor_to_candidate"] <= 255 and 0 <= summ["between_candidates"] <= 255
     from PIL import Image
-    # 4 anchors of 16x16 with 2-pixel borders: K + 1 = 3 columns, and 1 + 5 columns for the w sweep.
-    assert Image.open(os.path.join(d, "runs", "synthetic_preview.png")).size == (3 * 18 + 2, 4 * 18 + 2)
-    assert Image.open(os.path.join(d, "runs", "synthetic_w_sweep.png")).size == (6 * 18 + 2, 4 * 18 + 2)
+    # 4 anchors of 16x16 enlarged 4x, with 2-pixel borders and a 14-pixel header naming the columns:
+    # K + 1 = 3 columns, and 1 + 5 columns for the w sweep.
+    assert Image.open(os.path.join(d, "runs", "synthetic_preview.png")).size == (3 * 66 + 2, 4 * 66 + 2 + 14)
+    assert Image.open(os.path.join(d, "runs", "synthetic_w_sweep.png")).size == (6 * 66 + 2, 4 * 66 + 2 + 14)
     assert not os.path.exists(os.path.join(d, "runs", "synthetic.pt.parts"))
 
 
@@ -275,7 +276,7 @@ def test_bad_inputs_are_refused_and_nothing_is_damaged(chain, tmp_path, monkeypa
         f.write(b"not a checkpoint")
     assert "ddpm.py" in refused()
     os.remove("runs/ddpm.pt")
-    assert "run `python ddpm.py` first" in refused()
+    assert "run `python ddpm.py --preset tiny` first" in refused()   # the hint repeats the user's preset
     assert open("runs/synthetic.pt", "rb").read() == b"an older candidate set"
     assert not os.path.exists("runs/synthetic.pt.parts")
 
