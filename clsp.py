@@ -380,7 +380,8 @@ def main(argv=None):
         take_data_from_artifacts(s, explicit)
     x_train, y_train, classes, info = training_images(s, syn, ckpt, args.out)
 
-    with claim_output(args.out):                 # no other run writes it until this one ends
+    # No other run writes it until this one ends; Ctrl-C stops at the end of a step and saves.
+    with claim_output(args.out), StopFlag() as stop:
         if ckpt is None:
             refuse_to_overwrite(args.out, "continue it with `python clsp.py --resume`")
         N, B, V = x_train.shape[0], s["batch_size"], 2 if simclr_only else 3   # views: v1, v2 (+ s)
@@ -418,7 +419,6 @@ def main(argv=None):
                             warming=compiled)
         loss_sums = torch.zeros(2, device=device) # L_simclr, L_clsp
         n_summed, epoch_of_perm = 0, None
-        stop = StopFlag()                         # Ctrl-C: stop at the end of the step, then save
         net.train()
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
@@ -462,7 +462,6 @@ def main(argv=None):
                 save(final=(step == total_steps)) # a stop during the very last step still finishes
                 raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
                                  f"saved {args.out}: continue with `python clsp.py --resume --out {args.out}`")
-        stop.release()
     print(f"wrote {args.out} ({s['epochs']} epoch{'s' * (s['epochs'] != 1)})", flush=True)
 
 

@@ -408,7 +408,8 @@ def main(argv=None):
     x_train, classes, info = training_images(s, ckpt, args.out)
     samples_png = args.samples or beside(args.out, "_samples.png")
 
-    with claim_output(args.out, samples_png):    # no other run writes these files until this one ends
+    # No other run writes these files until this one ends; Ctrl-C stops at the end of a step and saves.
+    with claim_output(args.out, samples_png), StopFlag() as stop:
         if ckpt is None:
             refuse_to_overwrite(args.out, "continue it with `python ddpm.py --resume`")
         model, ema, opt, scaler, amp, step = make_model(s, args, device, ckpt)
@@ -431,7 +432,6 @@ def main(argv=None):
             print("compiling the training step (the first steps take about a minute)...", flush=True)
         warm_until = step + (3 if compiled else 1)   # CUDA graphs: step 1 warms up, 2 records, 3 replays
         loss_sum, last_log, epoch_of_perm = torch.zeros((), device=device), step, None
-        stop = StopFlag()
         model.train()
         while step < s["steps"]:
             epoch, i = divmod(step, steps_per_epoch)
@@ -457,7 +457,6 @@ def main(argv=None):
             if stop.requested:
                 raise SystemExit(f"interrupted at step {step}; saved {args.out}: continue with "
                                  f"`python ddpm.py --resume --out {args.out}`")
-        stop.release()
 
         # A picture of what the model learned: 64 DDIM samples from the EMA weights.
         save_grid(sample_grid(ema, abar, s, amp, device), samples_png, nrow=8)
@@ -983,17 +982,23 @@ class Progress:
 
 
 class StopFlag:
-    """Ctrl-C (or SIGTERM) asks the loop to stop at the end of the current step instead of killing it
-    mid-update: a checkpoint written then is consistent, so --resume continues exactly. A second Ctrl-C
-    quits at once."""
+    """`with StopFlag() as stop:` Ctrl-C (or SIGTERM) inside the block asks the loop to stop at the end
+    of the current step instead of killing it mid-update (the loop reads stop.requested): a checkpoint
+    written then is consistent, so --resume continues exactly. A second Ctrl-C quits at once. After the
+    block, Ctrl-C interrupts at once again."""
 
     def __init__(self):
         self.requested = False
         signal.signal(signal.SIGINT, self._handler)
         signal.signal(signal.SIGTERM, self._handler)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
     def release(self):
-        """After the loop: Ctrl-C interrupts at once again."""
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

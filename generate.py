@@ -314,29 +314,28 @@ def make_all(sample, x_train, A, K, parts, manifest, s, compiled, flops_per_anch
     done = sum(c.shape[0] for c in chunks.values())
     progress = Progress(N, done, "anchor", K, flops_per_anchor, peak, warming=compiled)
     t_start = t0 = time.perf_counter()
-    made, stop = 0, StopFlag()
+    made = 0
     try:
-        for b in range(n_batches):
-            if b in chunks:
-                continue
-            chunks[b] = sample(x_train[b * A:(b + 1) * A], K, s["w"], b)
-            atomic_save({"images": chunks[b]}, chunk_path(b))    # the .cpu() in it waited for the GPU
-            done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
-            if progress.warmup == "compiling":
-                progress.warmed_up(done, "compile")
-                t0, made = time.perf_counter(), 0   # images/s: after the compile
-            if progress.due(10) or done == N:       # a line every ~10 s
-                progress.line(done, batch=f"{b + 1}/{n_batches}")
-            if stop.requested and done < N:
-                raise KeyboardInterrupt
+        with StopFlag() as stop:
+            for b in range(n_batches):
+                if b in chunks:
+                    continue
+                chunks[b] = sample(x_train[b * A:(b + 1) * A], K, s["w"], b)
+                atomic_save({"images": chunks[b]}, chunk_path(b))    # the .cpu() in it waited for the GPU
+                done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
+                if progress.warmup == "compiling":
+                    progress.warmed_up(done, "compile")
+                    t0, made = time.perf_counter(), 0   # images/s: after the compile
+                if progress.due(10) or done == N:       # a line every ~10 s
+                    progress.line(done, batch=f"{b + 1}/{n_batches}")
+                if stop.requested and done < N:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         fail(f"interrupted with {done}/{N} anchors done; the finished batches are kept in {parts}: "
              f"rerun the same command to resume")
     except torch.cuda.OutOfMemoryError:
         fail(f"out of GPU memory at --batch-size {s['batch_size']}; rerun with a smaller --batch-size "
              f"(and delete {parts}: its batches were made with this batch size)")
-    finally:
-        stop.release()
     rate = made / (time.perf_counter() - t0) if made else None
     return torch.cat([chunks[b] for b in range(n_batches)]), dict(seconds=time.perf_counter() - t_start,
                                                                   images_per_second=rate)
