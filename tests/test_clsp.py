@@ -50,6 +50,12 @@ def test_nt_xent_matches_double_loop(tau):
     assert clsp.nt_xent(z1, z1, tau).item() < nt_xent_loop(z1, z2, tau)
 
 
+def test_nt_xent_is_safe_on_embeddings_that_are_not_normalised():
+    """Its similarities are cosines for any caller: scaling the embeddings changes nothing."""
+    z1, z2 = unit(5, 7, 0), unit(5, 7, 1)
+    assert abs(clsp.nt_xent(3 * z1, 0.5 * z2, 0.2).item() - nt_xent_loop(z1, z2, 0.2)) < 1e-10
+
+
 def test_clsp_term_and_total():
     z1, z2, z3 = unit(6, 4, 2), unit(6, 4, 3), unit(6, 4, 4)
     loop = sum(sum((float(a) - float(b)) ** 2 for a, b in zip(z1[i], z3[i])) for i in range(6)) / 6
