@@ -426,7 +426,8 @@ def main(argv=None):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, s, steps_per_epoch)
             # s_i: one of image i's K candidates, drawn afresh at every draw of i.
-            loss_sums += torch.stack(train_step(x_train[idx], None if simclr_only else pick_candidates(synthetic, idx)))
+            s_idx = None if simclr_only else pick_candidates(synthetic, idx)
+            loss_sums += torch.stack(train_step(x_train[idx], s_idx))
             step += 1
             n_summed += 1
 
@@ -566,8 +567,8 @@ def make_model(s, args, device, ckpt):
 def flops_per_step(net, V, B, image_size, device):
     """FLOPs of one training step (forward + backward), for the MFU on a known GPU: counted on a copy
     (so BatchNorm's running statistics are not nudged) with 2 images per view, scaled to the batch."""
-    m = copy.deepcopy(net)
-    return count_flops(lambda: m(torch.zeros(2 * V, 3, image_size, image_size, device=device)).sum().backward()) / 2 * B
+    m, x = copy.deepcopy(net), torch.zeros(2 * V, 3, image_size, image_size, device=device)
+    return count_flops(lambda: m(x).sum().backward()) / 2 * B
 
 
 def made_from(syn, path):

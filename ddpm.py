@@ -415,7 +415,8 @@ def main(argv=None):
         if ckpt is None:
             refuse_to_overwrite(args.out, "continue it with `python ddpm.py --resume`")
         model, ema, opt, scaler, amp, step = make_model(s, args, device, ckpt)
-        abar, compiled = make_schedule(s["T"], s["beta_1"], s["beta_T"]).to(device), compile_enabled(args.compile, device)
+        abar = make_schedule(s["T"], s["beta_1"], s["beta_T"]).to(device)
+        compiled = compile_enabled(args.compile, device)
         train_step = make_train_step(model, ema, opt, scaler, abar, amp, compiled, s["lr"], s["warmup"],
                                      s["grad_clip"], s["ema_decay"])
 
@@ -969,7 +970,8 @@ class Progress:
     def line(self, done, **metrics):
         now = time.perf_counter()
         rate = 0.0 if self.warmup == "compiling" else (done - self.start_done) / max(now - self.t0, 1e-9)
-        parts = [f"{self.unit} {done:.2f}/{self.total}" if isinstance(done, float) else f"{self.unit} {done}/{self.total}"]
+        parts = [f"{self.unit} {done:.2f}/{self.total}" if isinstance(done, float) else
+                 f"{self.unit} {done}/{self.total}"]
         parts += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
         if rate > 0:
             parts.append(f"{rate * self.images_per_unit:,.0f} img/s")

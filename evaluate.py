@@ -91,7 +91,8 @@ def parse_args(argv=None):
     add("--diag-anchors", "anchors whose candidates are measured; 0 = none", type=int)
     add("--log-every", "probe epochs between progress lines", type=int)
     add_run_flags(p, None)
-    p.add_argument("--checkpoint", default="runs/clsp.pt", help="the backbone to evaluate (made by clsp.py) (default: %(default)s)")
+    p.add_argument("--checkpoint", default="runs/clsp.pt",
+                   help="the backbone to evaluate (made by clsp.py) (default: %(default)s)")
     p.add_argument("--synthetic", default="runs/synthetic.pt",
                    help="candidates for the diagnostics (made by generate.py); 'none' to skip (default: %(default)s)")
     p.add_argument("--judge", help="the independent backbone that judges the candidates, a clsp.py --lam 0 "
@@ -284,11 +285,14 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
     if args.synthetic.lower() == "none" or s["diag_anchors"] == 0:
         return None, None, "diagnostics of the synthetic positives off"
     if not os.path.exists(args.synthetic):
-        return None, None, f"no {args.synthetic}, so no diagnostics of the synthetic positives (`python generate.py` makes it)"
+        return None, None, (f"no {args.synthetic}, so no diagnostics of the synthetic positives "
+                            f"(`python generate.py` makes it)")
     if transfer:
-        return None, None, "transfer: the synthetic positives belong to the backbone's own data set, so no diagnostics"
-    syn = load_artifact(args.synthetic, "generate.py", ("images", "data", "anchor_index"), "a generate.py candidate set")
-    if syn["data"] != info or syn["images"].shape[-1] != s["image_size"] or syn["images"].shape[0] > info["num_train"]:
+        return None, None, ("transfer: the synthetic positives belong to the backbone's own data set, "
+                            "so no diagnostics")
+    syn = load_artifact(args.synthetic, "generate.py", ("images", "data", "anchor_index"),
+                        "a generate.py candidate set")
+    if syn["data"] != info or syn["images"].shape[0] > info["num_train"]:
         fail(f"{args.synthetic} does not fit the training data evaluated here ({info}; it was made for "
              f"{syn['data']}): point --synthetic at the right file, or pass --synthetic none")
     # The judge: a backbone that never saw a candidate (lam = 0), trained on the same images.
@@ -301,7 +305,8 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
     judge = load_artifact(path, "clsp.py", CHECKPOINT_KEYS, "a clsp.py checkpoint")
     if judge["settings"].get("lam") != 0 or judge["data"] != info:
         fail(f"--judge {path} must be a clsp.py --lam 0 backbone trained on the data evaluated here (it has "
-             f"lam {judge['settings'].get('lam')}, data {judge['data'].get('dataset')}); pass another, or --judge none")
+             f"lam {judge['settings'].get('lam')}, data {judge['data'].get('dataset')}); pass another, "
+             f"or --judge none")
     return syn, (path, judge), None
 
 
@@ -363,8 +368,10 @@ def diagnose_candidates(syn, backbone, f_train, judge, data, feats, s, device):
 
     g_aug = torch.Generator(device).manual_seed(s["seed"])
     f_cand = feats(backbone, cand)
-    f_v1, f_v2 = feats(backbone, data["x_train"][anchor], prepare=views), feats(backbone, data["x_train"][anchor], prepare=views)
-    diag = dict(anchors=len(pick), K=K, cos_anchor_candidate=F.cosine_similarity(f_cand, f_train[anchor_k]).mean().item(),
+    x_anchor = data["x_train"][anchor]
+    f_v1, f_v2 = feats(backbone, x_anchor, prepare=views), feats(backbone, x_anchor, prepare=views)
+    diag = dict(anchors=len(pick), K=K,
+                cos_anchor_candidate=F.cosine_similarity(f_cand, f_train[anchor_k]).mean().item(),
                 cos_two_views=F.cosine_similarity(f_v1, f_v2).mean().item())
 
     def agreement(f_train_j, f_cand_j, f_view_j):
@@ -402,13 +409,15 @@ def print_table(path, method, lam, ckpt, info, transfer, s, knn, linear, knn_gri
     rows = [(f"kNN top-1 (k {min(s['knn_k'], info['num_train'])}, T {s['knn_temp']})", f"{knn:6.2f} %"),
             (f"linear probe top-1 ({s['probe_epochs']} epochs)", f"{linear:6.2f} %")]
     if diag:
-        rows += [(f"cos(anchor, candidate), {diag['anchors']} anchors x {diag['K']}", f"{diag['cos_anchor_candidate']:6.3f}"),
+        rows += [(f"cos(anchor, candidate), {diag['anchors']} anchors x {diag['K']}",
+                  f"{diag['cos_anchor_candidate']:6.3f}"),
                  ("cos(two augmented views of an image)", f"{diag['cos_two_views']:6.3f}"),
                  ("candidates whose kNN class = anchor's label", f"{diag['candidate_label_agreement']:6.2f} %"),
                  ("augmented views whose kNN class = label", f"{diag['view_label_agreement']:6.2f} %")]
         if "judge" in diag:
             rows += [("  the same, judged by the SimCLR baseline:", ""),
-                     ("  candidates whose kNN class = anchor's label", f"{diag['candidate_label_agreement_judge']:6.2f} %"),
+                     ("  candidates whose kNN class = anchor's label",
+                      f"{diag['candidate_label_agreement_judge']:6.2f} %"),
                      ("  augmented views whose kNN class = label", f"{diag['view_label_agreement_judge']:6.2f} %"),
                      ("  (chance)", f"{diag['chance']:6.2f} %")]
     width = max(len(r[0]) for r in rows)

@@ -100,9 +100,11 @@ def parse_args(argv=None):
     add("--num-anchors", "only the first N training images (default: all)", type=int)
     add("--batch-size", "images per batch, best a multiple of K", type=int)
     add_run_flags(p, "the sampler's model call")
-    p.add_argument("--ddpm", default="runs/ddpm.pt", help="the DDPM checkpoint made by ddpm.py (default: %(default)s)")
+    p.add_argument("--ddpm", default="runs/ddpm.pt",
+                   help="the DDPM checkpoint made by ddpm.py (default: %(default)s)")
     p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write (default: %(default)s)")
-    p.add_argument("--preview", help="anchors and their candidates (default: beside --out, runs/synthetic_preview.png)")
+    p.add_argument("--preview",
+                   help="anchors and their candidates (default: beside --out, runs/synthetic_preview.png)")
     p.add_argument("--sweep", help="the same anchors across w (default: beside --out, runs/synthetic_w_sweep.png)")
     return p.parse_args(argv)
 
@@ -194,7 +196,8 @@ def main(argv=None):
     device = pick_device(args.device, args.preset)
     ckpt = load_ddpm(args.ddpm, s, explicit)                  # fills in the DDPM's data set and size
     x_train, info = load_anchors(s, ckpt, args.ddpm)
-    preview, sweep_png = args.preview or beside(args.out, "_preview.png"), args.sweep or beside(args.out, "_w_sweep.png")
+    preview = args.preview or beside(args.out, "_preview.png")
+    sweep_png = args.sweep or beside(args.out, "_w_sweep.png")
 
     with claim_output(args.out, preview, sweep_png):          # no other run writes these until this one ends
         refuse_to_overwrite(args.out, f"it is ready for {run_hint('clsp.py')}")
@@ -247,7 +250,8 @@ def main(argv=None):
 def load_ddpm(path, s, explicit):
     """The DDPM checkpoint, refused unless it has EMA weights and fits the data set and size asked for;
     the data set, folder and size not given as flags are taken from it."""
-    ckpt = load_artifact(path, "ddpm.py", ("ema", "settings", "data", "step"), "a ddpm.py checkpoint with EMA weights")
+    ckpt = load_artifact(path, "ddpm.py", ("ema", "settings", "data", "step"),
+                         "a ddpm.py checkpoint with EMA weights")
     ds = ckpt["settings"]
     for key, flag in (("dataset", "--dataset"), ("image_size", "--image-size")):
         if key in explicit and explicit[key] != ds[key]:
@@ -273,7 +277,8 @@ def load_anchors(s, ckpt, ddpm_path):
     if info != ckpt["data"]:
         fail(f"the training data under {s['data_dir']!r} ({describe_data(info)}) is not what {ddpm_path} was "
              f"trained on ({describe_data(ckpt['data'])}); the folder may have changed: point --data-dir at the "
-             f"data ddpm.py used, or retrain with `python ddpm.py --dataset {s['dataset']} --data-dir {s['data_dir']}`")
+             f"data ddpm.py used, or retrain with "
+             f"`python ddpm.py --dataset {s['dataset']} --data-dir {s['data_dir']}`")
     N = info["num_train"] if s["num_anchors"] is None else s["num_anchors"]
     if N > info["num_train"]:
         fail(f"--num-anchors {N} is more than the {info['num_train']} training images; pass at most that")

@@ -89,9 +89,9 @@ class ClosedFormUNet:
 
 @pytest.mark.parametrize("w,eta", [(0.1, 0.1), (0.5, 0.0), (0.3, 1.0)])
 def test_sampler_matches_float64_formula(w, eta):
-    """Every step of the sampler's pseudo-code (generate.py's docstring), in float64 numpy, with the same random numbers: x_T and
-    then one DDIM noise per step but the last from the sample's stream; one anchor noise per step from
-    the anchor's stream."""
+    """Every step of the sampler's pseudo-code (generate.py's docstring), in float64 numpy, with the same
+    random numbers: x_T and then one DDIM noise per step but the last from the sample's stream; one
+    anchor noise per step from the anchor's stream."""
     S, shape = 4, (2, 3, 4, 4)
     x_a = randn(shape, 10).tanh()
     out = sample(ClosedFormUNet(), x_a, w, eta, S=S)
