@@ -378,10 +378,10 @@ def make_train_step(model, ema, opt, scaler, abar, amp, compiled, lr, warmup, gr
         eps = torch.randn(x_uint8.shape, device=device)                    # eps ~ N(0, I)
         for g in opt.param_groups:                                          # linear warm-up
             g["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+        opt.zero_grad(set_to_none=True)         # before the forward: no gradient outlives its step
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()   # a new step: the last one's graph outputs are done
         loss = loss_of(x_uint8, flip, t, eps)
-        opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()           # fp16: the loss times 2^k, so small gradients survive
         scaler.unscale_(opt)                    # the true gradients again, before they are clipped
         torch.nn.utils.clip_grad_norm_(weights, grad_clip)   # on the device: no host sync
