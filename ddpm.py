@@ -164,7 +164,7 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm(32, ch) that, on a GPU under bf16/fp16 autocast, runs in the input's dtype.
 
     Autocast runs group_norm in fp32, so every GroupNorm of an eager bf16 step cast its input up and its
-    output back down: a profile of one training step (H100-class GPU, batch 128) counted about 900 copy
+    output back down: a profile of one eager training step (H200, batch 128) counted about 900 copy
     kernels, a third of the GPU time, and bf16 ran slower than fp32. CUDA's GroupNorm kernel takes bf16
     and fp16 inputs and accumulates its mean and variance in fp32 itself, so the casts buy nothing.
     (Compiled, inductor fuses GroupNorm, SiLU and the casts anyway; this is for the eager path.)"""
@@ -366,8 +366,9 @@ def make_train_step(model, ema, opt, scaler, abar, amp, compiled, lr, warmup, gr
     # into few kernels, and "reduce-overhead" replays forward and backward as two CUDA graphs, so the CPU
     # no longer issues the kernels one by one. Eager, a step at batch 128 was bound by those launches
     # (H200: batch 32 took 40.9 ms a step, batch 128 42.7 ms; 61 ms of CPU time for 28 ms of GPU work),
-    # and the UNet alone compiled this way took 14.2 ms a step. The first steps compile (about a minute).
-    # The random draws stay outside, so compiled and eager runs use the same flips, t and eps.
+    # and in that profile the UNet alone, compiled with mode="reduce-overhead", took 14.2 ms a step. The
+    # first steps compile (about a minute). Algorithm 1's random draws (flips, t, eps) stay outside the
+    # graph, in plain PyTorch; dropout's are inside it, from inductor's own generator.
     if compiled:
         loss_of = torch.compile(loss_of, mode="reduce-overhead" if abar.is_cuda else "default")
 
@@ -739,8 +740,8 @@ def _load_folder(data_dir, split, image_size):
     x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([i for _, i in files], dtype=torch.int64)
     try:
-        torch.save({"key": key, "x": x, "y": y, "classes": classes}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        torch.save({"key": key, "x": x, "y": y, "classes": classes}, f"{cache}.tmp{os.getpid()}")
+        os.replace(f"{cache}.tmp{os.getpid()}", cache)
         for old in glob.glob(os.path.join(glob.escape(data_dir), f".cache_{split}_{image_size}px_*.pt")):
             os.remove(old)    # the one-file-per-file-list caches of earlier versions of this project
     except (OSError, RuntimeError):
@@ -773,22 +774,7 @@ def claim_output(path, *pictures):
     lock is a file beside the artifact held with flock, which the OS releases when the process ends,
     even on kill -9, so a crashed run never leaves it stuck. Temporary files that an interrupted save
     of these paths left behind are removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        lock = open(path + ".lock", "a")
-    except OSError as e:
-        fail(f"cannot write {path} ({e.strerror or e}); pass an --out in a folder you can write")
-    try:
-        if os.name == "nt":
-            import msvcrt
-            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        fail(f"another run is writing {path} right now; wait for it to end, or pass another --out")
+    lock = lock_file(path + ".lock", f"{path}")
     try:
         for p in (path, *pictures):
             for tmp in glob.glob(glob.escape(p) + ".tmp*"):
@@ -796,8 +782,35 @@ def claim_output(path, *pictures):
         yield
     finally:
         with contextlib.suppress(OSError):
-            os.remove(path + ".lock")
+            os.remove(path + ".lock")       # tidy; a run that opened it just before locks anew (below)
         lock.close()
+
+
+def lock_file(lock_path, what):
+    """The open lock file, locked by this process, or one sentence saying why not."""
+    for _ in range(100):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+            lock = open(lock_path, "a")
+        except OSError as e:
+            fail(f"cannot write {what} ({e.strerror or e}); pass an --out in a folder you can write")
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+                return lock
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            fail(f"another run is writing {what} right now; wait for it to end, or pass another --out")
+        # The run before us removes the file when it ends; if it did so between our open and our lock,
+        # we hold a lock on a file nobody else sees: then lock the file that is there now instead.
+        with contextlib.suppress(OSError):
+            if os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        lock.close()
+    fail(f"could not lock {lock_path}; another program keeps replacing it")
 
 
 def beside(path, suffix):

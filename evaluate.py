@@ -13,9 +13,10 @@ features. CLSP reports both of the usual classifiers; we follow the authors' rec
           training image and of its mirror image once, and each epoch pick one of the two per image with
           p 0.5: exactly the authors' protocol, without 100 passes through a ResNet.
 
-When runs/synthetic.pt is there, it also measures the synthetic positives: how close a candidate is to
-its anchor (cosine) next to how close two augmented views of one image are (how *hard* the positives
-are), and how often a candidate's kNN class is its anchor's label (how often it is a *true* positive).
+When runs/synthetic.pt is there, it also measures the synthetic positives, each augmented as in training:
+how close a view of a candidate is to a view of its anchor (cosine) next to how close two views of the
+anchor are (how *hard* the positives are), and how often a candidate's kNN class is its anchor's label
+next to how often a view's is (how often it is a *true* positive).
 That share is judged in the space of an independent backbone, the SimCLR baseline (lam = 0) that never
 saw a candidate (--judge, by default runs/clsp_lam0.pt when there is one), beside the same share for
 augmented views: a CLSP backbone, trained to pull candidates to their anchors, would flatter them.
@@ -200,7 +201,8 @@ def main(argv=None):
               f"{ckpt['settings'].get('epochs')}); evaluating it as it is", flush=True)
     # The data defaults to what the backbone was trained on; any other data set is a transfer experiment.
     s["dataset"] = s["dataset"] or ckpt["data"]["dataset"]
-    s["data_dir"] = s["data_dir"] or ckpt["settings"].get("data_dir", "data")
+    other_data_set = s["dataset"] != ckpt["data"]["dataset"]       # a transfer: its own --data-dir, or data/
+    s["data_dir"] = s["data_dir"] or ("data" if other_data_set else ckpt["settings"].get("data_dir", "data"))
     s["image_size"] = s["image_size"] or ckpt["data"]["image_size"]
     check_settings(s)
     data = load_data(s, device)
@@ -292,7 +294,7 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
                             "so no diagnostics")
     syn = load_artifact(args.synthetic, "generate.py", ("images", "data", "anchor_index"),
                         "a generate.py candidate set")
-    if syn["data"] != info or syn["images"].shape[0] > info["num_train"]:
+    if syn["data"] != info:
         fail(f"{args.synthetic} does not fit the training data evaluated here ({info}; it was made for "
              f"{syn['data']}): point --synthetic at the right file, or pass --synthetic none")
     # The judge: a backbone that never saw a candidate (lam = 0), trained on the same images.
@@ -303,6 +305,9 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
         return syn, None, (f"no independent judge ({path}): the candidates' kNN labels are read in this "
                            f"backbone's own space; `python clsp.py --lam 0 --out {path}` makes one")
     judge = load_artifact(path, "clsp.py", CHECKPOINT_KEYS, "a clsp.py checkpoint")
+    if (judge["settings"].get("lam") != 0 or judge["data"] != info) and args.judge is None:
+        return syn, None, (f"{path} is no independent judge here (lam {judge['settings'].get('lam')}, or other "
+                           f"data): the candidates' kNN labels are read in this backbone's own space")
     if judge["settings"].get("lam") != 0 or judge["data"] != info:
         fail(f"--judge {path} must be a clsp.py --lam 0 backbone trained on the data evaluated here (it has "
              f"lam {judge['settings'].get('lam')}, data {judge['data'].get('dataset')}); pass another, "
@@ -351,43 +356,44 @@ def knn_accuracy(f_test, f_train, data, k, temp):
 
 
 def diagnose_candidates(syn, backbone, f_train, judge, data, feats, s, device):
-    """How hard the candidates are (cosine to their anchor beside that of two augmented views, in the
-    evaluated backbone's space) and how often they are true positives: the share whose kNN class among
-    the real training images (their own anchor left out) is the anchor's label, in the judge's space,
-    beside the same share for an augmented view of the anchor."""
+    """How hard the candidates are and how often they are true positives, like for like: each candidate
+    is augmented with clsp.py's own pipeline, as in training, and set beside an augmented view of its
+    anchor. Hard: the cosine of a view of the anchor and its candidate, beside that of two views of the
+    anchor. True: the share of candidates whose kNN class among the real training images (their own
+    anchor left out) is the anchor's label, beside the same share for a view of the anchor; read in the
+    evaluated backbone's space and, when there is one, in the independent judge's."""
     images, y_train = syn["images"], data["y_train"]
     K = images.shape[1]
     g = torch.Generator().manual_seed(s["seed"])         # a random subset of anchors, fixed by --seed
     pick = torch.randperm(images.shape[0], generator=g)[:s["diag_anchors"]].sort().values
     anchor = syn["anchor_index"][pick].to(device)        # training index of each picked anchor
     anchor_k = anchor.repeat_interleave(K)               # ... once per candidate
-    cand = images[pick].flatten(0, 1)                    # the n*K candidates, un-augmented
+    x_anchor, cand = data["x_train"][anchor], images[pick].flatten(0, 1).to(device)   # n and n*K images
 
-    def views(x):                                        # clsp.py's own augmentation, seeded
-        return augment(x, s["image_size"], feats.mean, feats.std, generator=g_aug)
+    def embed(net):
+        """Features of two views of each anchor and one of each candidate, the same draws every call."""
+        g_aug = torch.Generator(device).manual_seed(s["seed"])
+        views = lambda x: augment(x, s["image_size"], feats.mean, feats.std, generator=g_aug)
+        return [feats(net, x, prepare=views) for x in (x_anchor, x_anchor, cand)]
 
-    g_aug = torch.Generator(device).manual_seed(s["seed"])
-    f_cand = feats(backbone, cand)
-    x_anchor = data["x_train"][anchor]
-    f_v1, f_v2 = feats(backbone, x_anchor, prepare=views), feats(backbone, x_anchor, prepare=views)
-    diag = dict(anchors=len(pick), K=K,
-                cos_anchor_candidate=F.cosine_similarity(f_cand, f_train[anchor_k]).mean().item(),
-                cos_two_views=F.cosine_similarity(f_v1, f_v2).mean().item())
-
-    def agreement(f_train_j, f_cand_j, f_view_j):
-        pred_cand = knn_predict(f_cand_j, f_train_j, y_train, data["C"], s["knn_k"], s["knn_temp"], exclude=anchor_k)
-        pred_view = knn_predict(f_view_j, f_train_j, y_train, data["C"], s["knn_k"], s["knn_temp"], exclude=anchor)
+    def agreement(f_bank, f_cand, f_view):
+        pred_cand = knn_predict(f_cand, f_bank, y_train, data["C"], s["knn_k"], s["knn_temp"], exclude=anchor_k)
+        pred_view = knn_predict(f_view, f_bank, y_train, data["C"], s["knn_k"], s["knn_temp"], exclude=anchor)
         return (100 * (pred_cand == y_train[anchor_k]).float().mean().item(),
                 100 * (pred_view == y_train[anchor]).float().mean().item())
 
+    f_v1, f_v2, f_cand = embed(backbone)
+    diag = dict(anchors=len(pick), K=K,
+                cos_anchor_candidate=F.cosine_similarity(f_v1.repeat_interleave(K, dim=0), f_cand).mean().item(),
+                cos_two_views=F.cosine_similarity(f_v1, f_v2).mean().item())
     # In the evaluated backbone's own space (a CLSP backbone was trained to agree with its candidates).
-    diag["candidate_label_agreement"], diag["view_label_agreement"] = agreement(f_train, f_cand, f_v1)
+    diag["candidate_label_agreement"], diag["view_label_agreement"] = agreement(f_train, f_cand, f_v2)
     if judge is not None:                                # in the independent judge's space
         jb = frozen_backbone(judge[1]["backbone"], judge[0], device)
-        g_aug = torch.Generator(device).manual_seed(s["seed"])
+        _, f_v2_j, f_cand_j = embed(jb)
         diag["judge"] = judge[0]
         diag["candidate_label_agreement_judge"], diag["view_label_agreement_judge"] = agreement(
-            feats(jb, data["x_train"]), feats(jb, cand), feats(jb, data["x_train"][anchor], prepare=views))
+            feats(jb, data["x_train"]), f_cand_j, f_v2_j)
     diag["chance"] = 100 / data["C"]
     return diag
 
@@ -409,16 +415,16 @@ def print_table(path, method, lam, ckpt, info, transfer, s, knn, linear, knn_gri
     rows = [(f"kNN top-1 (k {min(s['knn_k'], info['num_train'])}, T {s['knn_temp']})", f"{knn:6.2f} %"),
             (f"linear probe top-1 ({s['probe_epochs']} epochs)", f"{linear:6.2f} %")]
     if diag:
-        rows += [(f"cos(anchor, candidate), {diag['anchors']} anchors x {diag['K']}",
+        rows += [(f"cos(view of anchor, view of candidate), {diag['anchors']} anchors x {diag['K']}",
                   f"{diag['cos_anchor_candidate']:6.3f}"),
-                 ("cos(two augmented views of an image)", f"{diag['cos_two_views']:6.3f}"),
+                 ("cos(two views of an anchor)", f"{diag['cos_two_views']:6.3f}"),
                  ("candidates whose kNN class = anchor's label", f"{diag['candidate_label_agreement']:6.2f} %"),
-                 ("augmented views whose kNN class = label", f"{diag['view_label_agreement']:6.2f} %")]
+                 ("views of the anchor whose kNN class = label", f"{diag['view_label_agreement']:6.2f} %")]
         if "judge" in diag:
             rows += [("  the same, judged by the SimCLR baseline:", ""),
                      ("  candidates whose kNN class = anchor's label",
                       f"{diag['candidate_label_agreement_judge']:6.2f} %"),
-                     ("  augmented views whose kNN class = label", f"{diag['view_label_agreement_judge']:6.2f} %"),
+                     ("  views of the anchor whose kNN class = label", f"{diag['view_label_agreement_judge']:6.2f} %"),
                      ("  (chance)", f"{diag['chance']:6.2f} %")]
     width = max(len(r[0]) for r in rows)
     print(f"\nevaluation of {path} ({method}, lam {lam}, epoch {ckpt.get('epoch')}) on {tag}")

@@ -105,6 +105,29 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, tiny_data):
     assert not os.path.exists(tmp_path / "runs" / "ddpm.pt.lock")   # removed when the run ended
 
 
+def test_a_lock_file_removed_while_it_is_being_taken_is_taken_anew(tmp_path, monkeypatch):
+    """Run A ends (removing its lock file) just after run B opened that file: B must not lock the removed
+    file, or a third run C, creating the file anew, would write at the same time as B."""
+    path = str(tmp_path / "x.pt")
+    a = ddpm.claim_output(path)
+    a.__enter__()
+    opened = []
+
+    def open_then_a_ends(name, mode="r"):
+        f = open(name, mode)
+        if not opened:
+            a.__exit__(None, None, None)                 # A ends between B's open and B's lock
+        opened.append(name)
+        return f
+    monkeypatch.setattr(ddpm, "open", open_then_a_ends, raising=False)
+    with ddpm.claim_output(path):                        # B
+        monkeypatch.undo()
+        with pytest.raises(SystemExit, match="another run is writing"):
+            with ddpm.claim_output(path):                # C
+                pass
+    assert len(opened) == 2                              # B took the lock file that was there
+
+
 def test_pictures_go_beside_their_artifact(chain, tmp_path):
     root = chain.copy_upto("ddpm.py", tmp_path)
     before = open(os.path.join(root, "runs", "ddpm_samples.png"), "rb").read()

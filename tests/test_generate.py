@@ -285,8 +285,10 @@ def test_compiled_sampler_equals_eager(traced_compile):
     """generate.py compiles interpolated_eps once (w a tensor, the batch padded to one shape): traced as
     inductor would trace it, in one graph, the whole sampler gives the eager result, for two values of w
     without a second trace."""
+    from torch._dynamo.testing import CompileCounterWithBackend
     unet, x_a = small_unet(), randn((3, 3, 16, 16), 10).tanh()
-    compiled = torch.compile(generate.interpolated_eps)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = traced_compile(generate.interpolated_eps, backend=counter, fullgraph=True)
     for w in (0.1, 0.5):
         w = torch.tensor(w)
         eager = sample(unet, x_a, w, 0.1)
@@ -294,6 +296,7 @@ def test_compiled_sampler_equals_eager(traced_compile):
         x_T = torch.randn(x_a.shape, generator=g)
         out = generate.interpolated_ddim_sample(unet, x_T, x_a, ddpm.make_schedule(), w, 4, 0.1, g, g_a, compiled)
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1                       # one trace for every step and both values of w
 
 
 def test_make_candidates_pads_every_batch_to_one_shape(monkeypatch):
