@@ -399,7 +399,6 @@ def make_train_step(model, ema, opt, scaler, abar, amp, compiled, lr, warmup, gr
     return train_step
 
 
-
 def main(argv=None):
     args = parse_args(argv)
     s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
