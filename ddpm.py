@@ -575,10 +575,10 @@ def resolve_settings(args, defaults, presets):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, explicit
 
 
-def run_hint(script, *extra):
+def run_hint(script):
     """`python ddpm.py --preset tiny --dataset folder --data-dir DIR`: the command to run, with the
     user's own preset and data flags, so a hint can be pasted as it is."""
-    return "`" + " ".join(["python", script, *HINT_FLAGS, *extra]) + "`"
+    return "`" + " ".join(["python", script, *HINT_FLAGS]) + "`"
 
 
 def settings_adder(p, defaults, presets):
@@ -773,7 +773,7 @@ def claim_output(path, *pictures):
     lock is a file beside the artifact held with flock, which the OS releases when the process ends,
     even on kill -9, so a crashed run never leaves it stuck. Temporary files that an interrupted save
     of these paths left behind are removed."""
-    lock = lock_file(path + ".lock", f"{path}")
+    lock = lock_file(path)
     try:
         for p in (path, *pictures):
             for tmp in glob.glob(glob.escape(p) + ".tmp*"):
@@ -785,14 +785,15 @@ def claim_output(path, *pictures):
         lock.close()
 
 
-def lock_file(lock_path, what):
-    """The open lock file, locked by this process, or one sentence saying why not."""
+def lock_file(path):
+    """The open lock file of `path` (<path>.lock), locked by this process, or one sentence saying why not."""
+    lock_path = path + ".lock"
     for _ in range(100):
         try:
             os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
             lock = open(lock_path, "a")
         except OSError as e:
-            fail(f"cannot write {what} ({e.strerror or e}); pass an --out in a folder you can write")
+            fail(f"cannot write {path} ({e.strerror or e}); pass an --out in a folder you can write")
         try:
             if os.name == "nt":
                 import msvcrt
@@ -802,7 +803,7 @@ def lock_file(lock_path, what):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.close()
-            fail(f"another run is writing {what} right now; wait for it to end, or pass another --out")
+            fail(f"another run is writing {path} right now; wait for it to end, or pass another --out")
         # The run before us removes the file when it ends; if it did so between our open and our lock,
         # we hold a lock on a file nobody else sees: then lock the file that is there now instead.
         with contextlib.suppress(OSError):
