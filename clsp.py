@@ -42,10 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from ddpm import (Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, claim_output, compile_enabled,
-                  count_flops, data_info, describe_data, epoch_order, fail, load_artifact, load_dataset,
-                  load_for_resume, peak_flops, pick_device, refuse_to_overwrite, resolve_settings,
-                  restore_training_state, run_hint, run_main, settings_adder, training_state)
+from common import (EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, claim_output, command,
+                    compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset, load_for_resume,
+                    peak_flops, pick_device, refuse_to_overwrite, require_same_data, resolve_settings,
+                    restore_training_state, run_main, settings_adder, training_state)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -71,49 +71,6 @@ PRESETS = {
     "paper": dict(epochs=1000, knn_every=100),
 }
 FREE_ON_RESUME = {"data_dir", "knn_every", "synthetic"}   # the flags --resume may change
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR + synthetic positives on a ResNet-18.")
-    add = settings_adder(p, DEFAULTS, PRESETS)
-    add("--dataset", "cifar10 | cifar100 | folder (default: the synthetic set's, or with --lam 0 the one in runs/)")
-    add("--data-dir", "where the data set is (default: the synthetic set's, or with --lam 0 the one in runs/)")
-    add("--image-size", "image size (default: the synthetic set's, or with --lam 0 the one in runs/)", type=int)
-    add("--seed", "random seed", type=int)
-    add("--lam", "weight lambda of the CLSP term; 0 = plain SimCLR", type=float)
-    add("--tau", "NT-Xent temperature", type=float)
-    add("--epochs", "training epochs (authors: 1000)", type=int)
-    add("--batch-size", "real images per step; 3 views each", type=int)
-    add("--lr", "SGD learning rate AT BATCH 1024; the run uses lr * batch / 1024 (linear scaling, "
-                "Goyal et al. 2017)", type=float)
-    add("--weight-decay", "on all parameters", type=float)
-    add("--warmup-epochs", "linear warm-up, then cosine to 0", type=int)
-    add("--synthetic", "stage 2's candidate set")
-    add("--knn-every", "print a quick kNN top-1 on the test split every N epochs; 0: never", type=int)
-    add_run_flags(p, "the network and the augmentation")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
-    p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write (default: %(default)s)")
-    # For tests of --resume: behave exactly as if Ctrl-C were pressed right after epoch N is saved.
-    p.add_argument("--stop-after-epoch", type=int, help="act as if interrupted after epoch N (to try --resume)")
-    return p.parse_args(argv)
-
-
-def check_settings(s):
-    for k in ["image_size", "epochs", "batch_size"]:
-        if s[k] < 1:
-            fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
-    if s["batch_size"] < 2:
-        fail("--batch-size must be at least 2: NT-Xent needs other images in the batch as negatives")
-    if not 0 <= s["warmup_epochs"] <= s["epochs"]:
-        fail(f"--warmup-epochs must be between 0 and --epochs ({s['epochs']}), got {s['warmup_epochs']}")
-    if s["knn_every"] < 0:
-        fail(f"--knn-every must be 0 (never) or a positive number of epochs, got {s['knn_every']}")
-    for k in ["lr", "tau"]:
-        if not (s[k] > 0 and math.isfinite(s[k])):
-            fail(f"--{k} must be a positive number, got {s[k]}")
-    for k in ["lam", "weight_decay"]:
-        if not (s[k] >= 0 and math.isfinite(s[k])):
-            fail(f"--{k.replace('_', '-')} must be zero or a positive number, got {s[k]}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,13 +245,25 @@ def channel_stats(x):
 
 
 # ------------------------------------------------------------------------------------------------
-# One training step.
+# Training: one step of SimCLR + the CLSP term, then the loop that repeats it.
 # ------------------------------------------------------------------------------------------------
 
-def make_train_step(net, opt, scaler, amp, compiled, lam, tau, mean, std, layout):
-    """train_step(x, s) -> (L_simclr, L_clsp): one SGD step on the uint8 real images x [B, 3, H, W] and
-    their picked candidates s [B, 3, H, W] (None when lam = 0). Used by the loop below and by
-    tests/benchmark.py. The learning rate is the caller's (it sets opt.param_groups)."""
+def lr_at(step, s, steps_per_epoch):
+    """SGD's learning rate at `step` (counted from 0): a linear warm-up to lr * B / 1024 over
+    s["warmup_epochs"], then a cosine to 0 at the last step."""
+    peak = s["lr"] * s["batch_size"] / 1024
+    warm, total = s["warmup_epochs"] * steps_per_epoch, s["epochs"] * steps_per_epoch
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+
+def make_train_step(net, opt, scaler, s, mean, std, amp=None, compiled=False, layout=None):
+    """train_step(x, s_img, lr) -> {"L_simclr": ..., "L_clsp": ...}: one SGD step at learning rate lr on
+    the uint8 real images x [B, 3, H, W] and their picked candidates s_img (None when lam = 0: then only
+    L_simclr). s holds lam and tau; mean, std are the Normalize constants (tensors on the device).
+    Used by the loop below and by tests/benchmark.py."""
+    layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
     # Compiled (the default on a GPU): the network and, separately, apply_augment, whose ~290 small
     # operations each read and write the whole batch eagerly; inductor fuses the elementwise ones. The
     # random parameters stay eager, so a compiled run draws the very augmentations an eager run draws.
@@ -302,63 +271,158 @@ def make_train_step(net, opt, scaler, amp, compiled, lam, tau, mean, std, layout
     forward = torch.compile(net) if compiled else net
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
 
-    def train_step(x, s):
+    def train_step(x, s_img, lr):
         B, H, W = x.shape[0], x.shape[2], x.shape[3]
         # [v1; v2; s]: the real batch twice and one candidate per image, all augmented in one call with
         # independent parameters per image, so v1 and v2 differ.
-        raw = torch.cat([x, x] + ([s] if s is not None else []))          # uint8 [V*B, 3, H, W]
-        p = sample_augment_params(raw.shape[0], H, W, x.device)           # augment() in two steps
+        raw = torch.cat([x, x] + ([s_img] if s_img is not None else []))   # uint8 [V*B, 3, H, W]
+        p = sample_augment_params(raw.shape[0], H, W, x.device)            # augment() in two steps
         views = augment_views(raw, p, H, mean, std).contiguous(memory_format=layout)
         # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and s together.
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
             z = forward(views)
         z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
-        z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if s is not None else None)
-        loss, l_simclr, l_clsp = total_loss(z1, z2, z3, lam, tau)
+        z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if s_img is not None else None)
+        loss, l_simclr, l_clsp = total_loss(z1, z2, z3, s["lam"], s["tau"])
         opt.zero_grad(set_to_none=True)
+        for g in opt.param_groups:
+            g["lr"] = lr
         scaler.scale(loss).backward()              # fp16 only: loss scaling; otherwise plain backward()
         scaler.step(opt)
         scaler.update()
-        return l_simclr.detach(), l_clsp.detach()
+        return dict(L_simclr=l_simclr.detach(), **({} if z3 is None else {"L_clsp": l_clsp.detach()}))
 
     return train_step
 
 
+def train(train_step, x_train, synthetic, s, step, end_of_epoch, stop, progress):
+    """Repeat the step until the last epoch, each on B real images in a seeded per-epoch order (so
+    --resume sees the same order) and, for CLSP, one candidate of each. end_of_epoch(step) prints the
+    epoch's line and saves. Returns the step reached (earlier on Ctrl-C)."""
+    order = EpochOrder(x_train.shape[0], s["batch_size"], s["seed"], x_train.device)
+    steps_per_epoch, total_steps = order.steps_per_epoch, s["epochs"] * order.steps_per_epoch
+    while step < total_steps:
+        idx = order.batch(step)
+        s_img = None if synthetic is None else pick_candidates(synthetic, idx)   # afresh at every draw
+        losses = train_step(x_train[idx], s_img, lr_at(step, s, steps_per_epoch))
+        step += 1
+        # ---- bookkeeping, at a step boundary, where weights, momentum and RNG agree ----
+        progress.add(**losses)                              # summed on the device: no host sync
+        if step % steps_per_epoch == 0:
+            end_of_epoch(step)                              # a line (NaN stops the run), a checkpoint
+        elif progress.due() or stop.requested:              # a slow epoch (on a CPU) still prints every 30 s
+            progress.line(step / steps_per_epoch)           # and a partial epoch is checked before its save
+        if stop.requested:                                  # Ctrl-C or SIGTERM
+            break
+    return step
+
+
 # ------------------------------------------------------------------------------------------------
-# A quick kNN monitor (evaluate.py does the real evaluation): cosine similarity of L2-normalised
-# backbone features; the k nearest training images vote for their class with weight exp(sim / T).
+# The kNN vote, for the monitor below and for evaluate.py: cosine similarity of L2-normalised backbone
+# features; the k nearest training images vote for their class with weight exp(sim / T) (Wu et al. 2018).
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, C, k=200, T=0.1, amp=None, chunk=1024):
-    """Top-1 of the weighted kNN vote (C classes) on the test split, with the backbone in eval mode."""
-    was_training = backbone.training
-    layout = torch.channels_last if x_train.device.type == "cuda" else torch.contiguous_format
-    backbone.eval()
-    mean_t = torch.as_tensor(mean, device=x_train.device).view(1, 3, 1, 1)
-    std_t = torch.as_tensor(std, device=x_train.device).view(1, 3, 1, 1)
+def features(backbone, x, mean, std, amp=None, batch_size=1024, prepare=None):
+    """float32 backbone features [N, 512] of uint8 images x, in batches on the backbone's device.
+    prepare(x_uint8) -> normalised float images; default: the Normalize of training, no augmentation."""
+    prepare = prepare or (lambda xb: (xb.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    device = mean.device
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = prepare(x[i:i + batch_size].to(device)).contiguous(memory_format=layout)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out.append(backbone(xb).float())
+    return torch.cat(out)
 
-    def features(x):
-        out = []
-        for a in range(0, x.shape[0], chunk):
-            xb = ((x[a:a + chunk].float() / 255 - mean_t) / std_t).contiguous(memory_format=layout)
-            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-                out.append(F.normalize(backbone(xb).float(), dim=1))
-        return torch.cat(out)
 
-    f_train, f_test = features(x_train), features(x_test)
-    correct = torch.zeros((), device=x_train.device)
-    for a in range(0, f_test.shape[0], chunk):
-        sim, nn_idx = (f_test[a:a + chunk] @ f_train.T).topk(min(k, f_train.shape[0]), dim=1)
-        votes = torch.zeros(sim.shape[0], C, device=sim.device).scatter_add_(1, y_train[nn_idx], (sim / T).exp())
-        correct += (votes.argmax(dim=1) == y_test[a:a + chunk]).sum()
-    backbone.train(was_training)
-    return float(correct) / f_test.shape[0]
+@torch.no_grad()
+def knn_predict(f_query, f_train, y_train, num_classes, k, temp, exclude=None, chunk=1024):
+    """Weighted kNN: class = argmax_c sum_{j in top-k(i)} exp(cos(f_i, f_j) / temp) [y_j = c].
+
+    exclude[i] (optional) is a training index left out of query i's neighbours (an anchor, when the
+    query is its own synthetic candidate: otherwise the anchor would vote for itself).
+    """
+    f_train = F.normalize(f_train.float(), dim=1)
+    k = min(k, f_train.shape[0] - (exclude is not None))    # the tiny data has 64 training images
+    preds = []
+    for i in range(0, f_query.shape[0], chunk):             # [chunk, N] similarities at a time
+        sim = F.normalize(f_query[i:i + chunk].float(), dim=1) @ f_train.T
+        if exclude is not None:
+            sim.scatter_(1, exclude[i:i + chunk, None], -math.inf)
+        sim_k, idx = sim.topk(k, dim=1)                      # the k most similar training images
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, y_train[idx], (sim_k / temp).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def make_knn_monitor(s, backbone, x_train, y_train, mean, std, C, amp):
+    """monitor() -> the kNN top-1 on the test split with the backbone in eval mode (a quick look during
+    training; evaluate.py does the real evaluation), or None when --knn-every is 0."""
+    if not s["knn_every"]:
+        return None
+    device = x_train.device
+    x_test, y_test, _ = load_dataset(s["dataset"], s["data_dir"], "test", s["image_size"])
+    x_test, y_test, y_train = x_test.to(device), y_test.to(device), y_train.to(device)
+
+    def monitor():
+        was_training = backbone.training
+        backbone.eval()
+        f_train, f_test = (features(backbone, x, mean, std, amp) for x in (x_train, x_test))
+        backbone.train(was_training)
+        pred = knn_predict(f_test, f_train, y_train, C, s["knn_k"], s["knn_T"])
+        return (pred == y_test).float().mean().item()
+    return monitor
 
 
 # ------------------------------------------------------------------------------------------------
-# Training.
+# The command line, and the glue: the data, the candidates, the model, the checkpoint.
 # ------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR + synthetic positives on a ResNet-18.")
+    add = settings_adder(p, DEFAULTS, PRESETS)
+    add("--dataset", "cifar10 | cifar100 | folder (default: the synthetic set's, or with --lam 0 the one in runs/)")
+    add("--data-dir", "where the data set is (default: the synthetic set's, or with --lam 0 the one in runs/)")
+    add("--image-size", "image size (default: the synthetic set's, or with --lam 0 the one in runs/)", type=int)
+    add("--seed", "random seed", type=int)
+    add("--lam", "weight lambda of the CLSP term; 0 = plain SimCLR", type=float)
+    add("--tau", "NT-Xent temperature", type=float)
+    add("--epochs", "training epochs (authors: 1000)", type=int)
+    add("--batch-size", "real images per step; 3 views each", type=int)
+    add("--lr", "SGD learning rate AT BATCH 1024; the run uses lr * batch / 1024 (linear scaling, "
+                "Goyal et al. 2017)", type=float)
+    add("--weight-decay", "on all parameters", type=float)
+    add("--warmup-epochs", "linear warm-up, then cosine to 0", type=int)
+    add("--synthetic", "stage 2's candidate set")
+    add("--knn-every", "print a quick kNN top-1 on the test split every N epochs; 0: never", type=int)
+    add_run_flags(p, "the network and the augmentation")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
+    p.add_argument("--out", default="runs/clsp.pt", help="the checkpoint / artifact to write (default: %(default)s)")
+    # For tests of --resume: behave exactly as if Ctrl-C were pressed right after epoch N is saved.
+    p.add_argument("--stop-after-epoch", type=int, help="act as if interrupted after epoch N (to try --resume)")
+    return p.parse_args(argv)
+
+
+def check_settings(s):
+    for k in ["image_size", "epochs", "batch_size"]:
+        if s[k] < 1:
+            fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
+    if s["batch_size"] < 2:
+        fail("--batch-size must be at least 2: NT-Xent needs other images in the batch as negatives")
+    if not 0 <= s["warmup_epochs"] <= s["epochs"]:
+        fail(f"--warmup-epochs must be between 0 and --epochs ({s['epochs']}), got {s['warmup_epochs']}")
+    if s["knn_every"] < 0:
+        fail(f"--knn-every must be 0 (never) or a positive number of epochs, got {s['knn_every']}")
+    for k in ["lr", "tau"]:
+        if not (s[k] > 0 and math.isfinite(s[k])):
+            fail(f"--{k} must be a positive number, got {s[k]}")
+    for k in ["lam", "weight_decay"]:
+        if not (s[k] >= 0 and math.isfinite(s[k])):
+            fail(f"--{k.replace('_', '-')} must be zero or a positive number, got {s[k]}")
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -366,7 +430,7 @@ def main(argv=None):
     device = pick_device(args.device, args.preset)
     ckpt = None
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
-        ckpt, s = load_for_resume(args.out, "clsp.py", "backbone", explicit, FREE_ON_RESUME)
+        ckpt, s = load_for_resume(args.out, "backbone", explicit, FREE_ON_RESUME, command("clsp.py", args, "--out", args.out))
         if ckpt["finished"]:
             print(f"{args.out} already finished all {ckpt['epoch']} epochs; nothing to do", flush=True)
             return
@@ -375,121 +439,80 @@ def main(argv=None):
         s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
     check_settings(s)
     simclr_only = s["lam"] == 0   # the baseline: no candidates are read, drawn, augmented or computed
-    syn = None if simclr_only else load_candidates(s, explicit, ckpt, args.out)
+    syn = None if simclr_only else load_candidates(s, explicit, ckpt, args)
     if simclr_only and ckpt is None:
         take_data_from_artifacts(s, explicit)
-    x_train, y_train, classes, info = training_images(s, syn, ckpt, args.out)
+    x_train, y_train, classes, info = training_images(s, syn, ckpt, args)
 
     # No other run writes it until this one ends; Ctrl-C stops at the end of a step and saves.
     with claim_output(args.out), StopFlag() as stop:
         if ckpt is None:
-            refuse_to_overwrite(args.out, "continue it with `python clsp.py --resume`")
+            refuse_to_overwrite(args.out, f"continue it with {command('clsp.py', args, '--resume', '--out', args.out)}")
         N, B, V = x_train.shape[0], s["batch_size"], 2 if simclr_only else 3   # views: v1, v2 (+ s)
         # The whole data set on the device as uint8: CIFAR-10 is 150 MB, its K = 8 candidates 1.2 GB.
-        mean, std = channel_stats(x_train)        # of the real training images, once
+        norm = channel_stats(x_train)             # the Normalize constants, of the real training images
+        mean, std = (torch.tensor(v, device=device) for v in norm)
         x_train = x_train.to(device)
         synthetic = None if simclr_only else syn["images"].to(device)
-        backbone, head, net, opt, scaler, amp, layout, step = make_model(s, args, device, ckpt)
+        backbone, head, net, opt, scaler, amp, step = make_model(s, args, device, ckpt)
         knn_monitor = make_knn_monitor(s, backbone, x_train, y_train, mean, std, len(classes), amp)
         print(f"{N} training images of {info['dataset']} at {info['image_size']}px; lam {s['lam']}, tau {s['tau']}, "
               f"{V} views per image" + (" (SimCLR baseline)" if simclr_only else f", K = {synthetic.shape[1]} "
               f"candidates each") + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
         compiled = compile_enabled(args.compile, device)
-        train_step = make_train_step(net, opt, scaler, amp, compiled, s["lam"], s["tau"],
-                                     torch.tensor(mean, device=device), torch.tensor(std, device=device), layout)
+        train_step = make_train_step(net, opt, scaler, s, mean, std, amp, compiled)
+        steps_per_epoch = N // B                  # drop_last: every step sees a full batch
+        peak = peak_flops(device)
+        progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
+                            peak and flops_per_step(net, V, B, s["image_size"], device) * steps_per_epoch, peak,
+                            warming=compiled, on_nan=f"the last good checkpoint {args.out} (if any) is kept; "
+                                                     f"start a new run with a lower --lr")
 
-        def save(final=False):
+        def save(step):
             atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), epoch=step // steps_per_epoch,
                              step=step, settings=s, data=info, classes=classes,
                              synthetic=None if simclr_only else made_from(syn, s["synthetic"]),
-                             norm=dict(mean=mean, std=std), finished=final,
+                             norm=dict(mean=norm[0], std=norm[1]), finished=step == s["epochs"] * steps_per_epoch,
                              num_params=dict(backbone=sum(p.numel() for p in backbone.parameters()),
                                              head=sum(p.numel() for p in head.parameters())),
                              **training_state(opt, scaler, device)), args.out)
 
-        # The loop: each step B real images in a seeded, per-epoch order (so --resume sees the same
-        # order); the losses summed on the device and read once an epoch, or when a line is due.
-        steps_per_epoch = N // B                  # drop_last: every step sees a full batch
-        total_steps = s["epochs"] * steps_per_epoch
-        peak = peak_flops(device)
-        progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
-                            peak and flops_per_step(net, V, B, s["image_size"], device) * steps_per_epoch, peak,
-                            warming=compiled)
-        loss_sums = torch.zeros(2, device=device) # L_simclr, L_clsp
-        n_summed, epoch_of_perm = 0, None
-        net.train()
-        while step < total_steps:
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != epoch_of_perm:            # a new epoch: a new, seeded order (resumable)
-                perm, epoch_of_perm = epoch_order(N, s["seed"], epoch, device), epoch
-            idx = perm[i * B:(i + 1) * B]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, s, steps_per_epoch)
-            # s_i: one of image i's K candidates, drawn afresh at every draw of i.
-            s_idx = None if simclr_only else pick_candidates(synthetic, idx)
-            loss_sums += torch.stack(train_step(x_train[idx], s_idx))
-            step += 1
-            n_summed += 1
+        def end_of_epoch(step):
+            done = step // steps_per_epoch
+            metrics = dict(lr=f"{lr_at(step - 1, s, steps_per_epoch):.2e}")
+            if knn_monitor and (done % s["knn_every"] == 0 or done == s["epochs"]):
+                metrics["kNN"] = f"{100 * knn_monitor():.2f}%"
+            if progress.warmup == "compiling":   # speed and time left from the second epoch on
+                progress.warmed_up(done, "compile + first epoch")
+            progress.line(done, **metrics)        # stops the run if a loss is not finite: nothing saved
+            save(step)
+            if done == args.stop_after_epoch and done < s["epochs"]:
+                stop.requested = True             # as if Ctrl-C were pressed now (to try --resume)
 
-            if step % steps_per_epoch == 0:       # end of an epoch: one host sync
-                done = step // steps_per_epoch
-                metrics = mean_losses(loss_sums, n_summed, simclr_only)
-                if not all(map(math.isfinite, metrics.values())):   # checked before anything is saved
-                    fail(f"the loss became {metrics} in epoch {done}; the last good checkpoint "
-                         f"{args.out} (if any) is kept; start a new run with a lower --lr")
-                metrics["lr"] = f"{lr_at(step - 1, s, steps_per_epoch):.2e}"
-                if knn_monitor and (done % s["knn_every"] == 0 or done == s["epochs"]):
-                    metrics["kNN"] = f"{100 * knn_monitor():.2f}%"
-                if progress.warmup == "compiling":   # speed and time left from the second epoch on
-                    progress.warmed_up(done, "compile + first epoch")
-                progress.line(done, **metrics)
-                save(final=(step == total_steps))
-                loss_sums.zero_()
-                n_summed = 0
-                if done == args.stop_after_epoch and step < total_steps:
-                    stop.requested = True         # as if Ctrl-C were pressed now (to try --resume)
-            elif progress.due():                  # a slow epoch (on a CPU) still prints every 30 s
-                progress.line(step / steps_per_epoch, **mean_losses(loss_sums, n_summed, simclr_only))
-            if stop.requested:                    # at a step boundary: weights, momentum and RNG agree
-                if n_summed and not bool(torch.isfinite(loss_sums).all()):   # never save a diverged partial epoch
-                    fail(f"interrupted at step {step} after the loss became non-finite; {args.out} keeps "
-                         f"the last good epoch; start a new run with a lower --lr")
-                save(final=(step == total_steps)) # a stop during the very last step still finishes
-                raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
-                                 f"saved {args.out}: continue with `python clsp.py --resume --out {args.out}`")
+        net.train()
+        step = train(train_step, x_train, synthetic, s, step, end_of_epoch, stop, progress)
+        if stop.requested:
+            save(step)                            # at a step boundary: a stop in the last step still finishes
+            raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
+                             f"saved {args.out}: continue with {command('clsp.py', args, '--resume', '--out', args.out)}")
     print(f"wrote {args.out} ({s['epochs']} epoch{'s' * (s['epochs'] != 1)})", flush=True)
 
 
-def make_knn_monitor(s, backbone, x_train, y_train, mean, std, C, amp):
-    """monitor() -> the quick kNN top-1 on the test split, or None when --knn-every is 0."""
-    if not s["knn_every"]:
-        return None
-    device = x_train.device
-    x_test, y_test, _ = load_dataset(s["dataset"], s["data_dir"], "test", s["image_size"])
-    x_test, y_test, y_train = x_test.to(device), y_test.to(device), y_train.to(device)
-    return lambda: knn_top1(backbone, x_train, y_train, x_test, y_test, mean, std, C, s["knn_k"], s["knn_T"], amp)
-
-
-def mean_losses(loss_sums, n, simclr_only):
-    """The mean L_simclr (and L_clsp) of the last n steps, read from the device: one host sync."""
-    l_s, l_c = (loss_sums / n).tolist()
-    return dict(L_simclr=l_s, **({} if simclr_only else {"L_clsp": l_c}))
-
-
-def load_candidates(s, explicit, ckpt, out):
+def load_candidates(s, explicit, ckpt, args):
     """Stage 2's candidate set. The data set, its directory and image size not given as flags are
     taken from it, so `python clsp.py` just works after `python generate.py`."""
     path = s["synthetic"]
-    syn = load_artifact(path, "generate.py", ("images", "data", "settings", "ddpm"), "a generate.py candidate set")
+    syn = load_artifact(path, ("images", "data", "settings", "ddpm"), "a generate.py candidate set",
+                        command("generate.py", args))
     if ckpt is None:
         s.update({k: v for k, v in artifact_data_settings(syn).items() if k not in explicit})
     for k in ("dataset", "image_size"):
         if syn["data"][k] != s[k]:
             fail(f"{path} holds synthetic positives for {k.replace('_', ' ')} {syn['data'][k]}, but this run "
-                 f"asks for {s[k]}; run {run_hint('generate.py')} for that data first, drop "
+                 f"asks for {s[k]}; run {command('generate.py', args)} for that data first, drop "
                  f"--{k.replace('_', '-')}, or train the SimCLR baseline with --lam 0")
     if ckpt is not None and {**ckpt["synthetic"], "path": path} != made_from(syn, path):   # it may move
-        fail(f"{out} was trained with another synthetic set than {path}; point --synthetic at the "
+        fail(f"{args.out} was trained with another synthetic set than {path}; point --synthetic at the "
              f"one it used, or start a new run without --resume")
     return syn
 
@@ -516,22 +539,21 @@ def take_data_from_artifacts(s, explicit):
         return
 
 
-def training_images(s, syn, ckpt, out):
+def training_images(s, syn, ckpt, args):
     """The training split, with what the checkpoint records of it; refused unless it is the very data
     (same fingerprint) the candidates were made from and a resumed run was trained on."""
     x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
     info = data_info(s["dataset"], x_train, y_train, classes)
-    if ckpt is not None and ckpt["data"] != info:
-        fail(f"{out} was trained on {describe_data(ckpt['data'])}, but the data found now is "
-             f"{describe_data(info)}; point --data-dir at the original data or start a new run without --resume")
-    if syn is not None and syn["data"] != info:
-        fail(f"{s['synthetic']} was made from {describe_data(syn['data'])}, but the training data found now "
-             f"is {describe_data(info)}; point --data-dir at the data it was made from, or run "
-             f"{run_hint('generate.py')} again")
-    if syn is not None and syn["images"].shape[0] != x_train.shape[0]:
-        fail(f"{s['synthetic']} has candidates for only {syn['images'].shape[0]} of the {x_train.shape[0]} "
-             f"training images (made with --num-anchors?); CLSP needs them for every image: run "
-             f"`python generate.py` without --num-anchors, or train the SimCLR baseline with --lam 0")
+    if ckpt is not None:
+        require_same_data(info, ckpt["data"], f"{args.out} was trained on",
+                          "point --data-dir at the original data or start a new run without --resume")
+    if syn is not None:
+        require_same_data(info, syn["data"], f"{s['synthetic']} was made from",
+                          f"point --data-dir at the data it was made from, or run {command('generate.py', args)} again")
+        if syn["images"].shape[0] != x_train.shape[0]:
+            fail(f"{s['synthetic']} has candidates for only {syn['images'].shape[0]} of the {x_train.shape[0]} "
+                 f"training images (made with --num-anchors?); CLSP needs them for every image: run "
+                 f"`python generate.py` without --num-anchors, or train the SimCLR baseline with --lam 0")
     if s["batch_size"] > x_train.shape[0]:
         fail(f"--batch-size {s['batch_size']} is larger than the {x_train.shape[0]} training images; "
              f"pass a smaller --batch-size")
@@ -540,7 +562,7 @@ def training_images(s, syn, ckpt, out):
 
 def make_model(s, args, device, ckpt):
     """The ResNet-18 and its head, SGD, the fp16 loss scaler and the autocast dtype; from the checkpoint
-    when resuming. Returns them, the layout and the step to start from."""
+    when resuming. Returns them and the step to start from."""
     torch.manual_seed(s["seed"])
     backbone, head = make_backbone(), make_head()
     # channels_last (NHWC) is the layout tensor cores want on a GPU; on a CPU plain NCHW measured faster.
@@ -548,7 +570,7 @@ def make_model(s, args, device, ckpt):
     net = nn.Sequential(backbone, head).to(device, memory_format=layout)
     # SGD with weight decay on every parameter, BatchNorm and biases included (the authors' recipe).
     opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=s["momentum"], weight_decay=s["weight_decay"])
-    # Autocast: bf16 on recent GPUs, fp16 + loss scaling on older ones (ddpm.autocast_dtype says why).
+    # Autocast: bf16 on recent GPUs, fp16 + loss scaling on older ones (common.autocast_dtype says why).
     amp = autocast_dtype(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = 0
@@ -561,7 +583,7 @@ def make_model(s, args, device, ckpt):
         torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick its fastest kernels
     print(f"ResNet-18 {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M + head "
           f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M parameters", flush=True)
-    return backbone, head, net, opt, scaler, amp, layout, step
+    return backbone, head, net, opt, scaler, amp, step
 
 
 def flops_per_step(net, V, B, image_size, device):
@@ -575,15 +597,6 @@ def made_from(syn, path):
     """What runs/clsp.pt records of its synthetic set (the data directory may move, so it is left out)."""
     return dict(path=path, settings={k: v for k, v in syn["settings"].items() if k != "data_dir"},
                 ddpm_step=syn["ddpm"]["step"])
-
-
-def lr_at(step, s, steps_per_epoch):
-    """Per step: linear warm-up to lr * B / 1024, then cosine to 0 at the last step."""
-    peak = s["lr"] * s["batch_size"] / 1024
-    warm, total = s["warmup_epochs"] * steps_per_epoch, s["epochs"] * steps_per_epoch
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
 
 
 if __name__ == "__main__":

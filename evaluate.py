@@ -47,10 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm import (Progress, add_run_flags, atomic_write, autocast_dtype, claim_output, data_info, fail, load_artifact,
-                  load_dataset, pick_device, resolve_settings, run_main, settings_adder)
-from clsp import augment, channel_stats, make_backbone   # the ResNet-18, its augmentation and its
-                                                           # normalisation are written once, in clsp.py
+from common import (Progress, add_run_flags, atomic_write, autocast_dtype, claim_output, command, data_info, fail,
+                    load_artifact, load_dataset, pick_device, resolve_settings, run_main, settings_adder)
+# Stage 3's method, written once in clsp.py: the ResNet-18, its augmentation and normalisation, and the kNN vote.
+from clsp import augment, channel_stats, features, knn_predict, make_backbone
 
 # ------------------------------------------------------------------------------------------------
 # Settings. The protocols are the same in every preset but `tiny`; they are cheap on features.
@@ -115,29 +115,9 @@ def check_settings(s):
 
 
 # ------------------------------------------------------------------------------------------------
-# The two classifiers. Both take features already on the device and never call .item() in a loop.
+# The linear probe (the kNN vote is clsp.knn_predict). It takes features already on the device and
+# never calls .item() in its loop.
 # ------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def knn_predict(f_query, f_train, y_train, num_classes, k, temp, exclude=None, chunk=1024):
-    """Weighted kNN: class = argmax_c sum_{j in top-k(i)} exp(cos(f_i, f_j) / temp) [y_j = c].
-
-    exclude[i] (optional) is a training index left out of query i's neighbours (an anchor, when the
-    query is its own synthetic candidate: otherwise the anchor would vote for itself).
-    """
-    f_train = F.normalize(f_train.float(), dim=1)
-    k = min(k, f_train.shape[0] - (exclude is not None))    # the tiny data has 64 training images
-    preds = []
-    for i in range(0, f_query.shape[0], chunk):             # [chunk, N] similarities at a time
-        sim = F.normalize(f_query[i:i + chunk].float(), dim=1) @ f_train.T
-        if exclude is not None:
-            sim.scatter_(1, exclude[i:i + chunk, None], -math.inf)
-        sim_k, idx = sim.topk(k, dim=1)                      # the k most similar training images
-        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        votes.scatter_add_(1, y_train[idx], (sim_k / temp).exp())
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
-
 
 def linear_probe(f_train, f_train_flip, y_train, f_test, y_test, num_classes, epochs=100, batch_size=256,
                  lr=1.0, lr_drops=(0.6, 0.8), seed=0, log_every=10):
@@ -195,7 +175,7 @@ def main(argv=None):
     args = parse_args(argv)
     s, _ = resolve_settings(args, DEFAULTS, PRESETS)
     device = pick_device(args.device, args.preset)
-    ckpt = load_artifact(args.checkpoint, "clsp.py", CHECKPOINT_KEYS, "a clsp.py checkpoint")
+    ckpt = load_artifact(args.checkpoint, CHECKPOINT_KEYS, "a clsp.py checkpoint", command("clsp.py", args))
     if not ckpt.get("finished", True):
         print(f"note: {args.checkpoint} is unfinished (epoch {ckpt.get('epoch')} of "
               f"{ckpt['settings'].get('epochs')}); evaluating it as it is", flush=True)
@@ -218,13 +198,11 @@ def main(argv=None):
               f"{ckpt['data']['dataset']}) evaluated on {data['info']['dataset']}: {data['info']['num_train']} "
               f"training and {data['x_test'].shape[0]} test images, {data['C']} classes"
               f"{' [transfer]' if transfer else ''}; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
-        feats = Features(s["batch_size"], data["mean"], data["std"], amp, device)
         times = {}
 
         t0 = sync_time(device)
-        f_train = feats(backbone, data["x_train"])
-        f_train_flip = feats(backbone, data["x_train"], mirror=True)       # the mirror images, for the probe
-        f_test = feats(backbone, data["x_test"])
+        f_train, f_train_flip, f_test = (features(backbone, x, data["mean"], data["std"], amp, s["batch_size"])
+                                         for x in (data["x_train"], data["x_train"].flip(3), data["x_test"]))
         times["features"] = sync_time(device) - t0
         print(f"features of {2 * f_train.shape[0] + f_test.shape[0]} images in {times['features']:.1f} s", flush=True)
 
@@ -246,7 +224,7 @@ def main(argv=None):
         diag = None
         if syn is not None:
             t0 = sync_time(device)
-            diag = diagnose_candidates(syn, backbone, f_train, judge, data, feats, s, device)
+            diag = diagnose_candidates(syn, backbone, f_train, judge, data, s, amp)
             times["diagnostics"] = sync_time(device) - t0
         times["total"] = time.perf_counter() - t_start
 
@@ -277,8 +255,8 @@ def load_data(s, device):
     mean, std = channel_stats(x_train)
     return dict(info=data_info(s["dataset"], x_train, y_train, classes), C=len(classes),
                 x_train=x_train.to(device), y_train=y_train.to(device), x_test=x_test.to(device),
-                y_test=y_test.to(device), mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
-                std=torch.tensor(std, device=device).view(1, 3, 1, 1))
+                y_test=y_test.to(device), mean=torch.tensor(mean, device=device),
+                std=torch.tensor(std, device=device))
 
 
 def diagnostics_inputs(args, s, ckpt, info, transfer):
@@ -292,8 +270,8 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
     if transfer:
         return None, None, ("transfer: the synthetic positives belong to the backbone's own data set, "
                             "so no diagnostics")
-    syn = load_artifact(args.synthetic, "generate.py", ("images", "data", "anchor_index"),
-                        "a generate.py candidate set")
+    syn = load_artifact(args.synthetic, ("images", "data", "anchor_index"), "a generate.py candidate set",
+                        command("generate.py", args))
     if syn["data"] != info:
         fail(f"{args.synthetic} does not fit the training data evaluated here ({info}; it was made for "
              f"{syn['data']}): point --synthetic at the right file, or pass --synthetic none")
@@ -304,7 +282,7 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
     if path.lower() == "none" or (args.judge is None and not os.path.exists(path)):
         return syn, None, (f"no independent judge ({path}): the candidates' kNN labels are read in this "
                            f"backbone's own space; `python clsp.py --lam 0 --out {path}` makes one")
-    judge = load_artifact(path, "clsp.py", CHECKPOINT_KEYS, "a clsp.py checkpoint")
+    judge = load_artifact(path, CHECKPOINT_KEYS, "a clsp.py checkpoint", command("clsp.py", args))
     if (judge["settings"].get("lam") != 0 or judge["data"] != info) and args.judge is None:
         return syn, None, (f"{path} is no independent judge here (lam {judge['settings'].get('lam')}, or other "
                            f"data): the candidates' kNN labels are read in this backbone's own space")
@@ -328,52 +306,31 @@ def frozen_backbone(state, path, device):
     return backbone.to(device, memory_format=layout).eval().requires_grad_(False)
 
 
-class Features:
-    """feats(backbone, x_uint8) -> float32 features [N, 512], normalised as in training, in batches;
-    mirror=True for the mirror images, or any prepare(x_uint8) -> normalised images (augmented views)."""
-
-    def __init__(self, batch_size, mean, std, amp, device):
-        self.batch_size, self.mean, self.std, self.amp, self.device = batch_size, mean, std, amp, device
-        self.layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-    def normalise(self, x):
-        return (x.float() / 255 - self.mean) / self.std
-
-    @torch.no_grad()
-    def __call__(self, backbone, x, mirror=False, prepare=None):
-        prepare = prepare or (lambda xb: self.normalise(xb.flip(3) if mirror else xb))
-        out = []
-        for i in range(0, x.shape[0], self.batch_size):
-            xb = prepare(x[i:i + self.batch_size].to(self.device)).contiguous(memory_format=self.layout)
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                out.append(backbone(xb).float())
-        return torch.cat(out)
-
-
 def knn_accuracy(f_test, f_train, data, k, temp):
     pred = knn_predict(f_test, f_train, data["y_train"], data["C"], k, temp)
     return 100 * (pred == data["y_test"]).float().mean().item()
 
 
-def diagnose_candidates(syn, backbone, f_train, judge, data, feats, s, device):
+def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp):
     """How hard the candidates are and how often they are true positives, like for like: each candidate
     is augmented with clsp.py's own pipeline, as in training, and set beside an augmented view of its
     anchor. Hard: the cosine of a view of the anchor and its candidate, beside that of two views of the
     anchor. True: the share of candidates whose kNN class among the real training images (their own
     anchor left out) is the anchor's label, beside the same share for a view of the anchor; read in the
     evaluated backbone's space and, when there is one, in the independent judge's."""
-    images, y_train = syn["images"], data["y_train"]
+    images, y_train, device = syn["images"], data["y_train"], data["x_train"].device
     K = images.shape[1]
     g = torch.Generator().manual_seed(s["seed"])         # a random subset of anchors, fixed by --seed
     pick = torch.randperm(images.shape[0], generator=g)[:s["diag_anchors"]].sort().values
     anchor = syn["anchor_index"][pick].to(device)        # training index of each picked anchor
     anchor_k = anchor.repeat_interleave(K)               # ... once per candidate
     x_anchor, cand = data["x_train"][anchor], images[pick].flatten(0, 1).to(device)   # n and n*K images
+    feats = lambda net, x, prepare=None: features(net, x, data["mean"], data["std"], amp, s["batch_size"], prepare)
 
     def embed(net):
         """Features of two views of each anchor and one of each candidate, the same draws every call."""
         g_aug = torch.Generator(device).manual_seed(s["seed"])
-        views = lambda x: augment(x, s["image_size"], feats.mean, feats.std, generator=g_aug)
+        views = lambda x: augment(x, s["image_size"], data["mean"], data["std"], generator=g_aug)
         return [feats(net, x, prepare=views) for x in (x_anchor, x_anchor, cand)]
 
     def agreement(f_bank, f_cand, f_view):

@@ -50,10 +50,11 @@ import time
 
 import torch
 
-from ddpm import (Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside, build_unet, claim_output,
-                  compile_enabled, count_flops, data_info, ddim_step, ddim_timesteps, describe_data, fail,
-                  load_artifact, load_dataset, make_schedule, peak_flops, pick_device, q_sample, refuse_to_overwrite,
-                  resolve_settings, run_hint, run_main, save_grid, settings_adder, to_uint8)
+from common import (Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside, claim_output, command,
+                    compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset, peak_flops,
+                    pick_device, refuse_to_overwrite, require_same_data, resolve_settings, run_main, save_grid,
+                    settings_adder)
+from ddpm import build_unet, ddim_step, ddim_timesteps, make_schedule, q_sample, to_uint8   # stage 1's method
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -84,41 +85,6 @@ PRESETS = {
     "paper": dict(),    # the standard preset already is the authors' recipe (their bigger UNet is ddpm.py's)
 }
 SWEEP_W = [0.0, 0.1, 0.25, 0.5, 1.0]   # the columns of synthetic_w_sweep.png; w = 1 is plain sampling
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 2 of CLSP: synthetic positives by interpolated DDIM sampling.")
-    add = settings_adder(p, DEFAULTS, PRESETS)
-    add("--dataset", "cifar10 | cifar100 | folder (default: the DDPM's)")
-    add("--data-dir", "where the training images are (default: where the DDPM found them)")
-    add("--image-size", "must be the DDPM's (default: the DDPM's)", type=int)
-    add("--seed", "random seed of the samples", type=int)
-    add("--w", "weight of the sample's own bottleneck, in [0, 1]; 1 = plain sampling", type=float)
-    add("--steps", "DDIM steps S", dest="S", type=int)
-    add("--eta", "DDIM noise, 0 = deterministic, in [0, 1]", type=float)
-    add("--K", "candidates per training image", type=int)
-    add("--num-anchors", "only the first N training images (default: all)", type=int)
-    add("--batch-size", "images per batch, best a multiple of K", type=int)
-    add_run_flags(p, "the sampler's model call")
-    p.add_argument("--ddpm", default="runs/ddpm.pt",
-                   help="the DDPM checkpoint made by ddpm.py (default: %(default)s)")
-    p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write (default: %(default)s)")
-    p.add_argument("--preview",
-                   help="anchors and their candidates (default: beside --out, runs/synthetic_preview.png)")
-    p.add_argument("--sweep", help="the same anchors across w (default: beside --out, runs/synthetic_w_sweep.png)")
-    return p.parse_args(argv)
-
-
-def check_settings(s):
-    if not 0 <= s["w"] <= 1:
-        fail(f"--w must be in [0, 1] (1: plain sampling, 0: only the anchor's bottleneck), got {s['w']}")
-    if not 0 <= s["eta"] <= 1:   # above 1 the DDIM update would take the square root of a negative number
-        fail(f"--eta must be in [0, 1] (0: deterministic DDIM), got {s['eta']}")
-    for k, flag in (("K", "--K"), ("S", "--steps"), ("batch_size", "--batch-size")):
-        if s[k] < 1:
-            fail(f"{flag} must be a positive whole number, got {s[k]}")
-    if s["num_anchors"] is not None and s["num_anchors"] < 1:
-        fail(f"--num-anchors must be a positive whole number, got {s['num_anchors']}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,30 +120,33 @@ def interpolated_ddim_sample(unet, x_T, x_a, abar, w, S, eta, generator, anchor_
     return x
 
 
-def generators(seed, b, device):
-    """Two seeded random streams for batch b: x_T and the DDIM noise, and the anchors' noise. Seeding by
-    batch (not by run) is what makes a resumed run give exactly the images an uninterrupted one gives."""
-    base = 2 * (seed * 1_000_003 + b)
-    return torch.Generator(device).manual_seed(base), torch.Generator(device).manual_seed(base + 1)
+class Sampler:
+    """The sampler with everything that stays fixed for a run: the EMA UNet, the schedule abar, S steps,
+    eta, the seed, and `rows`, the images of every call: a batch is padded to it, so every call has one
+    shape and a compiled sampler compiles once (a last, smaller batch would compile again, a minute).
+    Made once in main; then only `candidates(anchors, K, w, b)` is called, with what changes per batch."""
 
+    def __init__(self, unet, abar, S, eta, seed, rows, amp=None, eps_fn=interpolated_eps):
+        self.unet, self.abar, self.S, self.eta, self.seed, self.rows = unet, abar, S, eta, seed, rows
+        self.amp, self.eps_fn = amp, eps_fn        # the autocast dtype (None: fp32); eps, maybe compiled
 
-def make_candidates(unet, anchors, K, w, S, eta, seed, b, abar, rows, amp=None, eps_fn=interpolated_eps):
-    """uint8 anchors [A, 3, H, W] -> uint8 candidates [A, K, 3, H, W], from batch b's random streams.
-
-    The batch is padded with blank anchors to `rows` images, so every call has the same shape: a
-    compiled sampler then compiles once (a last, smaller batch would compile it again, a minute)."""
-    A, device = anchors.shape[0], abar.device
-    x_a = (anchors.to(device).float() / 127.5 - 1).repeat_interleave(K, dim=0)   # rows: a0 x K, a1 x K, ...
-    x_a = torch.cat([x_a, x_a.new_zeros(rows - x_a.shape[0], *x_a.shape[1:])])     # padding, dropped below
-    g, g_anchor = generators(seed, b, device)
-    x_T = torch.randn(x_a.shape, device=device, generator=g)   # every candidate its own x_T: independent
-    w = torch.tensor(float(w), device=device)                  # a tensor: one compile for every w
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):   # amp: the autocast dtype
-        x = interpolated_ddim_sample(unet, x_T, x_a, abar, w, S, eta, g, g_anchor, eps_fn)[:A * K]
-    if not torch.isfinite(x).all():
-        fail("the sampler produced NaN or inf values: the DDPM checkpoint looks broken; retrain it with "
-             "`python ddpm.py`")
-    return to_uint8(x).contiguous().view(A, K, *x.shape[1:]).cpu()   # contiguous: NCHW, not channels_last
+    def candidates(self, anchors, K, w, b):
+        """uint8 anchors [A, 3, H, W] -> uint8 candidates [A, K, 3, H, W], from batch b's random streams:
+        seeded per batch (not per run), so a resumed run makes exactly the images an uninterrupted one makes."""
+        A, device = anchors.shape[0], self.abar.device
+        x_a = (anchors.to(device).float() / 127.5 - 1).repeat_interleave(K, dim=0)   # rows: a0 x K, a1 x K, ...
+        x_a = torch.cat([x_a, x_a.new_zeros(self.rows - x_a.shape[0], *x_a.shape[1:])])   # padding, cut below
+        seed = 2 * (self.seed * 1_000_003 + b)
+        g, g_anchor = torch.Generator(device).manual_seed(seed), torch.Generator(device).manual_seed(seed + 1)
+        x_T = torch.randn(x_a.shape, device=device, generator=g)   # every candidate its own x_T: independent
+        w = torch.tensor(float(w), device=device)                  # a tensor: one compile for every w
+        with torch.autocast(device.type, dtype=self.amp, enabled=self.amp is not None):
+            x = interpolated_ddim_sample(self.unet, x_T, x_a, self.abar, w, self.S, self.eta, g, g_anchor,
+                                         self.eps_fn)[:A * K]
+        if not torch.isfinite(x).all():
+            fail("the sampler produced NaN or inf values: the DDPM checkpoint looks broken; retrain it with "
+                 "`python ddpm.py`")
+        return to_uint8(x).contiguous().view(A, K, *x.shape[1:]).cpu()   # contiguous: NCHW, not channels_last
 
 
 def mean_abs_diff(a, b):
@@ -194,44 +163,31 @@ def main(argv=None):
     s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
     check_settings(s)
     device = pick_device(args.device, args.preset)
-    ckpt = load_ddpm(args.ddpm, s, explicit)                  # fills in the DDPM's data set and size
-    x_train, info = load_anchors(s, ckpt, args.ddpm)
+    ckpt = load_ddpm(args, s, explicit)                       # fills in the DDPM's data set and size
+    x_train, info = load_anchors(s, ckpt, args)
     preview = args.preview or beside(args.out, "_preview.png")
     sweep_png = args.sweep or beside(args.out, "_w_sweep.png")
 
     with claim_output(args.out, preview, sweep_png):          # no other run writes these until this one ends
-        refuse_to_overwrite(args.out, f"it is ready for {run_hint('clsp.py')}")
-        unet, abar, amp, compiled = load_sampler(ckpt, args, device)
-        # On a GPU the sampler's model call (2 encoder passes, the interpolation, 1 decoder pass) is
-        # compiled once for its fixed batch shape: eager, a batch of 2,048 took as long in bf16 as in fp32
-        # (114 ms a forward pass on an H200), bound by GroupNorm, SiLU and the casts between them, which
-        # inductor fuses. At this batch size the GPU, not the kernel launches, is the limit, so no CUDA
-        # graphs ("reduce-overhead") here.
-        eps_fn = torch.compile(interpolated_eps) if compiled else interpolated_eps
+        refuse_to_overwrite(args.out, f"it is ready for {command('clsp.py', args)}")
+        sampler, compiled = make_sampler(ckpt, s, args, device)
         K, N = s["K"], s["num_anchors"]
-        A = max(1, s["batch_size"] // K)           # anchors per batch, each repeated K times
-        rows = A * K                               # every sampler call has this many images (padded)
-
-        def sample(anchors, K, w, b):
-            return make_candidates(unet, anchors, K, w, s["S"], s["eta"], s["seed"], b, abar, rows, amp, eps_fn)
-
         print(f"{N} anchors x K = {K} candidates, S = {s['S']} DDIM steps, w = {s['w']}, eta = {s['eta']}; "
-              f"{A} anchors ({rows} images) per batch; DDPM {args.ddpm} (step {ckpt['step']}); device {device}, "
-              f"autocast {amp or 'off (fp32)'}, compile {'on (the first batch compiles)' if compiled else 'off'}",
-              flush=True)
+              f"{sampler.rows // K} anchors ({sampler.rows} images) per batch; DDPM {args.ddpm} (step "
+              f"{ckpt['step']}); device {device}, autocast {sampler.amp or 'off (fp32)'}, compile "
+              f"{'on (the first batch compiles)' if compiled else 'off'}", flush=True)
         parts = args.out + ".parts"
         manifest = dict(settings={**{k: v for k, v in s.items() if k not in ("data_dir", "preview_anchors")},
-                                  "autocast": str(amp or "fp32"), "compile": compiled},   # other pixels
+                                  "autocast": str(sampler.amp or "fp32"), "compile": compiled},   # other pixels
                         data=info, ddpm=dict(step=ckpt["step"], fingerprint=weights_fingerprint(ckpt["ema"])))
-        flops = peak_flops(device) and K * s["S"] * flops_per_sampler_step(unet, s["image_size"], device)
-        images, timing = make_all(sample, x_train, A, K, parts, manifest, s, compiled, flops, peak_flops(device))
+        images, timing = make_all(sampler, x_train, s, parts, manifest, compiled)
 
         # The w sweep: anchors spread over the data set (a folder sorted by class shows several classes),
         # as many as one batch holds, sampled once per w with the same random streams (batch index -1),
         # so only w changes from column to column.
-        idx = torch.linspace(0, N - 1, min(rows, N)).round().long()
+        idx = torch.linspace(0, N - 1, min(sampler.rows, N)).round().long()
         real = x_train[idx].cpu()
-        sweep = [sample(x_train[idx], 1, w, -1)[:, 0] for w in SWEEP_W]
+        sweep = [sampler.candidates(x_train[idx], 1, w, -1)[:, 0] for w in SWEEP_W]
         show = torch.linspace(0, len(idx) - 1, min(s["preview_anchors"], len(idx))).round().long()
         save_grid(torch.cat([real[show, None], images[idx[show]]], 1).flatten(0, 1), preview, nrow=1 + K,
                   labels=["anchor"] + [f"k={k}" for k in range(K)])
@@ -247,77 +203,21 @@ def main(argv=None):
           flush=True)
 
 
-def load_ddpm(path, s, explicit):
-    """The DDPM checkpoint, refused unless it has EMA weights and fits the data set and size asked for;
-    the data set, folder and size not given as flags are taken from it."""
-    ckpt = load_artifact(path, "ddpm.py", ("ema", "settings", "data", "step"),
-                         "a ddpm.py checkpoint with EMA weights")
-    ds = ckpt["settings"]
-    for key, flag in (("dataset", "--dataset"), ("image_size", "--image-size")):
-        if key in explicit and explicit[key] != ds[key]:
-            fail(f"{path} was trained on {ds['dataset']} at {ds['image_size']}x{ds['image_size']} pixels, "
-                 f"but {flag} {explicit[key]} was asked for: first train a DDPM for it with `python ddpm.py "
-                 f"--dataset {s['dataset'] or ds['dataset']} --image-size {s['image_size'] or ds['image_size']}`, "
-                 f"or drop {flag}")
-    if s["S"] > ds["T"]:
-        fail(f"--steps must be at most the DDPM's T = {ds['T']}, got {s['S']}")
-    if not ckpt.get("finished", True):
-        print(f"note: {path} is an unfinished run (step {ckpt.get('step')}/{ds.get('steps')}); "
-              f"`python ddpm.py --resume` finishes it and gives better candidates", flush=True)
-    for key in ("dataset", "data_dir", "image_size"):          # default to what the DDPM was trained on
-        s[key] = s[key] if s[key] is not None else ds[key]
-    return ckpt
-
-
-def load_anchors(s, ckpt, ddpm_path):
-    """The anchors: the training split exactly as ddpm.py saw it (no augmentation), so anchor i is
-    image i; refused unless it is the very data the DDPM was trained on (same fingerprint)."""
-    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
-    info = data_info(s["dataset"], x_train, y_train, classes)
-    if info != ckpt["data"]:
-        fail(f"the training data under {s['data_dir']!r} ({describe_data(info)}) is not what {ddpm_path} was "
-             f"trained on ({describe_data(ckpt['data'])}); the folder may have changed: point --data-dir at the "
-             f"data ddpm.py used, or retrain with "
-             f"`python ddpm.py --dataset {s['dataset']} --data-dir {s['data_dir']}`")
-    N = info["num_train"] if s["num_anchors"] is None else s["num_anchors"]
-    if N > info["num_train"]:
-        fail(f"--num-anchors {N} is more than the {info['num_train']} training images; pass at most that")
-    s["num_anchors"] = N                       # recorded as a number: "all" and "--num-anchors N" agree
-    return x_train[:N], info
-
-
-def load_sampler(ckpt, args, device):
-    """The EMA weights in eval mode (dropout off), as the authors sample, with the noise schedule, the
-    autocast dtype and whether to compile."""
-    unet = build_unet(ckpt["settings"])
-    try:
-        unet.load_state_dict(ckpt["ema"])
-    except RuntimeError:
-        fail(f"the EMA weights in {args.ddpm} do not fit its own settings; retrain with {run_hint('ddpm.py')}")
-    unet = unet.to(device).eval().requires_grad_(False)   # NCHW: ddpm.py says why, not channels_last
-    ds = ckpt["settings"]
-    abar = make_schedule(ds["T"], ds["beta_1"], ds["beta_T"]).to(device)
-    amp = autocast_dtype(args.precision, device)          # bf16 on recent GPUs, fp16 on older ones, CPU: fp32
-    return unet, abar, amp, compile_enabled(args.compile, device)
-
-
-def weights_fingerprint(state):
-    """A number that changes when the DDPM's weights do: the batches of an unfinished run are reused
-    only with the very DDPM that made them."""
-    return float(sum(v.double().abs().sum() for v in state.values() if v.is_floating_point()))
-
-
-def make_all(sample, x_train, A, K, parts, manifest, s, compiled, flops_per_anchor, peak):
+def make_all(sampler, x_train, s, parts, manifest, compiled):
     """All candidates, batch b making those of anchors b*A .. b*A+A-1 from its own random streams.
     Finished batches are kept in `parts` beside a manifest of what made them; only a run with the same
     manifest may use them, so one candidate set never mixes two settings or two DDPMs. Ctrl-C (or
     SIGTERM) stops after the current batch, which is kept."""
-    N = x_train.shape[0]
+    N, K = x_train.shape[0], s["K"]
+    A = sampler.rows // K                       # anchors per batch, each repeated K times
     n_batches = math.ceil(N / A)
     chunk_path = lambda b: os.path.join(parts, f"batch_{b:06d}.pt")
     chunks = resume_parts(parts, manifest, n_batches, chunk_path)
     done = sum(c.shape[0] for c in chunks.values())
-    progress = Progress(N, done, "anchor", K, flops_per_anchor, peak, warming=compiled)
+    device = sampler.abar.device
+    peak = peak_flops(device)                   # the MFU only where the GPU's peak is known
+    flops = peak and K * s["S"] * flops_per_sampler_step(sampler.unet, s["image_size"], device)
+    progress = Progress(N, done, "anchor", K, flops, peak, warming=compiled)
     t_start = t0 = time.perf_counter()
     made = 0
     try:
@@ -325,7 +225,7 @@ def make_all(sample, x_train, A, K, parts, manifest, s, compiled, flops_per_anch
             for b in range(n_batches):
                 if b in chunks:
                     continue
-                chunks[b] = sample(x_train[b * A:(b + 1) * A], K, s["w"], b)
+                chunks[b] = sampler.candidates(x_train[b * A:(b + 1) * A], K, s["w"], b)
                 atomic_save({"images": chunks[b]}, chunk_path(b))    # the .cpu() in it waited for the GPU
                 done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
                 if progress.warmup == "compiling":
@@ -375,14 +275,6 @@ def resume_parts(parts, manifest, n_batches, chunk_path):
     return chunks
 
 
-def flops_per_sampler_step(unet, image_size, device):
-    """FLOPs of one sampler step on one image (2 encodes + 1 decode), for the MFU on a known GPU."""
-    x1 = torch.zeros(1, 3, image_size, image_size, device=device)
-    t1 = torch.zeros(1, dtype=torch.long, device=device)
-    with torch.no_grad():
-        return count_flops(lambda: interpolated_eps(unet, x1, x1, t1, 0.5))
-
-
 def distances(images, x_train, real, sweep, K):
     """The effect, measured in pixels: how far the candidates are from their anchor and from each other,
     with two unrelated training images for scale (on at most the first 1000 anchors), and how far a
@@ -405,6 +297,119 @@ def distances(images, x_train, real, sweep, K):
           f"  anchor    <-> sample by w ({real.shape[0]} anchors):  "
           + ", ".join(f"w={w}: {v:.1f}" for w, v in d["anchor_to_sample_by_w"].items()), flush=True)
     return d
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line, and the glue: the DDPM, the anchors, the sampler.
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 2 of CLSP: synthetic positives by interpolated DDIM sampling.")
+    add = settings_adder(p, DEFAULTS, PRESETS)
+    add("--dataset", "cifar10 | cifar100 | folder (default: the DDPM's)")
+    add("--data-dir", "where the training images are (default: where the DDPM found them)")
+    add("--image-size", "must be the DDPM's (default: the DDPM's)", type=int)
+    add("--seed", "random seed of the samples", type=int)
+    add("--w", "weight of the sample's own bottleneck, in [0, 1]; 1 = plain sampling", type=float)
+    add("--steps", "DDIM steps S", dest="S", type=int)
+    add("--eta", "DDIM noise, 0 = deterministic, in [0, 1]", type=float)
+    add("--K", "candidates per training image", type=int)
+    add("--num-anchors", "only the first N training images (default: all)", type=int)
+    add("--batch-size", "images per batch, best a multiple of K", type=int)
+    add_run_flags(p, "the sampler's model call")
+    p.add_argument("--ddpm", default="runs/ddpm.pt",
+                   help="the DDPM checkpoint made by ddpm.py (default: %(default)s)")
+    p.add_argument("--out", default="runs/synthetic.pt", help="the candidate set to write (default: %(default)s)")
+    p.add_argument("--preview",
+                   help="anchors and their candidates (default: beside --out, runs/synthetic_preview.png)")
+    p.add_argument("--sweep", help="the same anchors across w (default: beside --out, runs/synthetic_w_sweep.png)")
+    return p.parse_args(argv)
+
+
+def check_settings(s):
+    if not 0 <= s["w"] <= 1:
+        fail(f"--w must be in [0, 1] (1: plain sampling, 0: only the anchor's bottleneck), got {s['w']}")
+    if not 0 <= s["eta"] <= 1:   # above 1 the DDIM update would take the square root of a negative number
+        fail(f"--eta must be in [0, 1] (0: deterministic DDIM), got {s['eta']}")
+    for k, flag in (("K", "--K"), ("S", "--steps"), ("batch_size", "--batch-size")):
+        if s[k] < 1:
+            fail(f"{flag} must be a positive whole number, got {s[k]}")
+    if s["num_anchors"] is not None and s["num_anchors"] < 1:
+        fail(f"--num-anchors must be a positive whole number, got {s['num_anchors']}")
+
+
+def load_ddpm(args, s, explicit):
+    """The DDPM checkpoint, refused unless it has EMA weights and fits the data set and size asked for;
+    the data set, folder and size not given as flags are taken from it."""
+    ckpt = load_artifact(args.ddpm, ("ema", "settings", "data", "step"), "a ddpm.py checkpoint with EMA weights",
+                         command("ddpm.py", args))
+    ds = ckpt["settings"]
+    for key, flag in (("dataset", "--dataset"), ("image_size", "--image-size")):
+        if key in explicit and explicit[key] != ds[key]:
+            fail(f"{args.ddpm} was trained on {ds['dataset']} at {ds['image_size']}x{ds['image_size']} pixels, "
+                 f"but {flag} {explicit[key]} was asked for: first train a DDPM for it with `python ddpm.py "
+                 f"--dataset {s['dataset'] or ds['dataset']} --image-size {s['image_size'] or ds['image_size']}`, "
+                 f"or drop {flag}")
+    if s["S"] > ds["T"]:
+        fail(f"--steps must be at most the DDPM's T = {ds['T']}, got {s['S']}")
+    if not ckpt.get("finished", True):
+        print(f"note: {args.ddpm} is an unfinished run (step {ckpt.get('step')}/{ds.get('steps')}); "
+              f"`python ddpm.py --resume` finishes it and gives better candidates", flush=True)
+    for key in ("dataset", "data_dir", "image_size"):          # default to what the DDPM was trained on
+        s[key] = s[key] if s[key] is not None else ds[key]
+    return ckpt
+
+
+def load_anchors(s, ckpt, args):
+    """The anchors: the training split exactly as ddpm.py saw it (no augmentation), so anchor i is
+    image i; refused unless it is the very data the DDPM was trained on (same fingerprint)."""
+    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
+    info = data_info(s["dataset"], x_train, y_train, classes)
+    require_same_data(info, ckpt["data"], f"{args.ddpm} was trained on",
+                      f"the folder under {s['data_dir']!r} may have changed: point --data-dir at the data ddpm.py "
+                      f"used, or retrain with `python ddpm.py --dataset {s['dataset']} --data-dir {s['data_dir']}`")
+    N = info["num_train"] if s["num_anchors"] is None else s["num_anchors"]
+    if N > info["num_train"]:
+        fail(f"--num-anchors {N} is more than the {info['num_train']} training images; pass at most that")
+    s["num_anchors"] = N                       # recorded as a number: "all" and "--num-anchors N" agree
+    return x_train[:N], info
+
+
+def make_sampler(ckpt, s, args, device):
+    """The EMA weights in eval mode (dropout off), as the authors sample, the noise schedule, the
+    autocast dtype, and the model call compiled or not; returns the Sampler and whether it compiles."""
+    unet = build_unet(ckpt["settings"])
+    try:
+        unet.load_state_dict(ckpt["ema"])
+    except RuntimeError:
+        fail(f"the EMA weights in {args.ddpm} do not fit its own settings; retrain with {command('ddpm.py', args)}")
+    unet = unet.to(device).eval().requires_grad_(False)   # NCHW: ddpm.py says why, not channels_last
+    ds = ckpt["settings"]
+    abar = make_schedule(ds["T"], ds["beta_1"], ds["beta_T"]).to(device)
+    amp = autocast_dtype(args.precision, device)          # bf16 on recent GPUs, fp16 on older ones, CPU: fp32
+    # On a GPU the sampler's model call (2 encoder passes, the interpolation, 1 decoder pass) is
+    # compiled once for its fixed batch shape: eager, a batch of 2,048 took as long in bf16 as in fp32
+    # (114 ms a forward pass on an H200), bound by GroupNorm, SiLU and the casts between them, which
+    # inductor fuses. At this batch size the GPU, not the kernel launches, is the limit, so no CUDA
+    # graphs ("reduce-overhead") here.
+    compiled = compile_enabled(args.compile, device)
+    eps_fn = torch.compile(interpolated_eps) if compiled else interpolated_eps
+    rows = max(1, s["batch_size"] // s["K"]) * s["K"]     # whole anchors per batch, each repeated K times
+    return Sampler(unet, abar, s["S"], s["eta"], s["seed"], rows, amp, eps_fn), compiled
+
+
+def weights_fingerprint(state):
+    """A number that changes when the DDPM's weights do: the batches of an unfinished run are reused
+    only with the very DDPM that made them."""
+    return float(sum(v.double().abs().sum() for v in state.values() if v.is_floating_point()))
+
+
+def flops_per_sampler_step(unet, image_size, device):
+    """FLOPs of one sampler step on one image (2 encodes + 1 decode), for the MFU on a known GPU."""
+    x1 = torch.zeros(1, 3, image_size, image_size, device=device)
+    t1 = torch.zeros(1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        return count_flops(lambda: interpolated_eps(unet, x1, x1, t1, 0.5))
 
 
 if __name__ == "__main__":

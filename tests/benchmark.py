@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clsp      # noqa: E402
+import common    # noqa: E402
 import ddpm      # noqa: E402
 import generate  # noqa: E402
 
@@ -64,7 +65,7 @@ def timed(fn, iters, warmup, device):
 
 class Table:
     def __init__(self, device):
-        self.peak = ddpm.peak_flops(device)
+        self.peak = common.peak_flops(device)
         self.device = device
         self.rows, self.notes = [], []
 
@@ -111,7 +112,7 @@ def compile_note(seconds, compiled):
 
 def bench_ddpm(table, device, opts):
     """Stage 1: ddpm.make_train_step (loss, backward, clipping, Adam, EMA) at the training batch."""
-    sz, amp = opts.sz, ddpm.autocast_dtype("auto", device)
+    sz, amp = opts.sz, common.autocast_dtype("auto", device)
     rows = [("plain fp32", None, False, torch.contiguous_format, False, sz["ddpm_batch"]),
             ("eager", amp, False, torch.contiguous_format, True, sz["ddpm_batch"])]
     if opts.compile:
@@ -132,11 +133,12 @@ def bench_ddpm(table, device, opts):
         abar = ddpm.make_schedule().to(device)
         opt = torch.optim.Adam(unet.parameters(), lr=1e-12, fused=fused and device.type == "cuda")   # tiny lr
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        step = ddpm.make_train_step(unet, ema, opt, scaler, abar, dtype, compiled, 1e-12, 0, 1.0, 0.9999)
+        step = ddpm.make_train_step(unet, ema, opt, scaler, abar, dict(lr=1e-12, warmup=0, grad_clip=1.0, ema_decay=0.9999),
+                                    dtype, compiled)
         x = torch.randint(0, 256, (B, 3, sz["img"], sz["img"]), dtype=torch.uint8, device=device)
         x = x.contiguous(memory_format=layout)
         if name == "plain fp32":
-            flops = ddpm.count_flops(lambda: step(x, 0)) / B      # per image
+            flops = common.count_flops(lambda: step(x, 0)) / B      # per image
         torch.manual_seed(1)                                 # the same flips, t and eps in every row
         loss, first = first_call(lambda: step(x, 0).item())
         check = f"loss {loss:.5f}" + (f" (plain {ref:.5f})" if ref is not None and B == sz["ddpm_batch"] else "")
@@ -150,7 +152,7 @@ def bench_ddpm(table, device, opts):
 def bench_generate(table, device, opts):
     """Stage 2: one interpolated sampler step as generate.py takes it (the anchor re-noised, 2 encoder
     passes + 1 decoder pass, the DDIM update) at the generation batch."""
-    sz, amp = opts.sz, ddpm.autocast_dtype("auto", device)
+    sz, amp = opts.sz, common.autocast_dtype("auto", device)
     torch.manual_seed(0)
     unet = ddpm.UNet(ch=sz["ch"], ch_mult=sz["ch_mult"], attn_res=sz["attn_res"], image_size=sz["img"])
     unet = unet.to(device).eval().requires_grad_(False)
@@ -161,7 +163,7 @@ def bench_generate(table, device, opts):
     t = torch.full((B,), 500, device=device, dtype=torch.long)
     w = torch.tensor(0.1, device=device)
     with torch.no_grad():
-        flops = ddpm.count_flops(lambda: generate.interpolated_eps(unet, x, x_a, t, 0.1))
+        flops = common.count_flops(lambda: generate.interpolated_eps(unet, x, x_a, t, 0.1))
     rows = [("plain fp32", None, generate.interpolated_eps), ("eager", amp, generate.interpolated_eps)]
     if opts.compile:
         rows.append(("compiled", amp, torch.compile(generate.interpolated_eps)))   # as generate.py compiles it
@@ -185,7 +187,7 @@ def bench_generate(table, device, opts):
 
 def bench_clsp(table, device, opts):
     """Stage 3: clsp.make_train_step, B real images -> [v1; v2; s] = 3B views, forward, backward, SGD."""
-    sz, amp = opts.sz, ddpm.autocast_dtype("auto", device)
+    sz, amp = opts.sz, common.autocast_dtype("auto", device)
     B, S, N, K = sz["clsp_batch"], sz["img"], sz["clsp_images"], 2
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format   # as clsp.py
     x_train = torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8, device=device)
@@ -208,21 +210,21 @@ def bench_clsp(table, device, opts):
     for name, dtype, compiled, lay in rows:
         net, opt = new_net(lay)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        step = clsp.make_train_step(net, opt, scaler, dtype, compiled, 1.0, 0.2, mean, std, lay)
+        step = clsp.make_train_step(net, opt, scaler, dict(lam=1.0, tau=0.2), mean, std, dtype, compiled, lay)
         torch.manual_seed(1)                                 # the same images and augmentations
         x, s = batch()
         if ref is None:
-            flops = ddpm.count_flops(lambda: step(x, s))
+            flops = common.count_flops(lambda: step(x, s, 1e-12))
             torch.manual_seed(1)
             x, s = batch()
-        losses, first = first_call(lambda: [v.item() for v in step(x, s)])
+        losses, first = first_call(lambda: [v.item() for v in step(x, s, 1e-12).values()])
         loss = losses[0] + losses[1]
         ref = loss if ref is None else ref
-        sec = timed(lambda: step(*batch()), sz["iters"], sz["warmup"], device)
+        sec = timed(lambda: step(*batch(), 1e-12), sz["iters"], sz["warmup"], device)
         table.add("3 CLSP step", name, 3 * B, sec, flops, f"loss {loss:.5f} (plain {ref:.5f})"
                   + compile_note(first, compiled))
         if opts.profile and "3" in opts.profile and name == rows[-1][0]:
-            profile(lambda: step(*batch()), device, f"stage 3, {name}")
+            profile(lambda: step(*batch(), 1e-12), device, f"stage 3, {name}")
 
     # The augmentation alone (random parameters + apply_augment, as clsp.py does it): its share of a
     # step, eager and compiled as clsp.py compiles it.
@@ -242,7 +244,7 @@ def bench_clsp(table, device, opts):
     state = dict(net=net.state_dict(), optimizer=opt.state_dict())
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "clsp.pt")
-        sec = timed(lambda: ddpm.atomic_save(state, path), sz["iters"] // 4 + 1, 1, torch.device("cpu"))
+        sec = timed(lambda: common.atomic_save(state, path), sz["iters"] // 4 + 1, 1, torch.device("cpu"))
         table.notes.append(f"clsp.py's per-epoch checkpoint: {os.path.getsize(path) / 1e6:.0f} MB written "
                            f"in {sec:.2f} s (to {tempfile.gettempdir()})")
 
@@ -284,13 +286,13 @@ def bench_clsp(table, device, opts):
 
 def bench_features(table, device, opts):
     """Stage 4: the frozen backbone's forward pass in eval mode (feature extraction)."""
-    sz, amp = opts.sz, ddpm.autocast_dtype("auto", device)
+    sz, amp = opts.sz, common.autocast_dtype("auto", device)
     torch.manual_seed(0)
     net = clsp.make_backbone().to(device).eval()
     B = sz["feat_batch"]
     x = torch.randn(B, 3, sz["img"], sz["img"], device=device)
     with torch.no_grad():
-        flops = ddpm.count_flops(lambda: net(x))
+        flops = common.count_flops(lambda: net(x))
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format   # as evaluate.py
     rows = [("plain fp32", net, None, torch.contiguous_format), ("eager", net, amp, layout)]
     outs = {}
@@ -342,13 +344,13 @@ def main(argv=None):
                    help="stage 1 also with channels_last and at batch 32 and 512 (launch- or compute-bound?)")
     p.add_argument("--profile", default="", help="stages whose last row is also profiled, e.g. 12")
     opts = p.parse_args(argv)
-    device = ddpm.pick_device(opts.device)
+    device = common.pick_device(opts.device)
     opts.sz = SIZES["cuda" if device.type == "cuda" else "cpu"]
     opts.compile = opts.compile and device.type == "cuda"    # on a CPU, compiling would take minutes
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True                # as clsp.py sets it
         print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
-              f"dense bf16 peak {ddpm.peak_flops(device) and ddpm.peak_flops(device) / 1e12} TFLOP/s", flush=True)
+              f"dense bf16 peak {common.peak_flops(device) and common.peak_flops(device) / 1e12} TFLOP/s", flush=True)
     else:
         print(f"device: cpu; torch {torch.__version__}; tiny sizes (a check that it runs, not a measurement)")
     table = Table(device)

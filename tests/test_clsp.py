@@ -17,7 +17,7 @@ from conftest import make_image_folder, run
 from torchvision.transforms import InterpolationMode
 
 import clsp
-import ddpm
+import common
 
 
 def unit(n, d, seed):
@@ -237,13 +237,13 @@ def make_fake_synthetic(root, data_dir, image_size, K=3, num_anchors=None):
     """root/runs/synthetic.pt in generate.py's format (data_dir relative to root, as a user in root would
     have run it) whose candidates are the anchors shifted by k pixels."""
     path = os.path.join(root, "runs", "synthetic.pt")
-    x, y, classes = ddpm.load_dataset("folder", os.path.join(root, data_dir), "train", image_size)
+    x, y, classes = common.load_dataset("folder", os.path.join(root, data_dir), "train", image_size)
     n = x.shape[0] if num_anchors is None else num_anchors
     images = torch.stack([x[:n].roll(k, dims=-1) for k in range(K)], dim=1)
-    ddpm.atomic_save(dict(images=images, anchor_index=torch.arange(n),
+    common.atomic_save(dict(images=images, anchor_index=torch.arange(n),
                           settings=dict(w=0.1, S=5, eta=0.1, K=K, num_anchors=n, seed=0, batch_size=32,
                                         dataset="folder", data_dir=data_dir, image_size=image_size),
-                          data=ddpm.data_info("folder", x, y, classes),
+                          data=common.data_info("folder", x, y, classes),
                           ddpm=dict(path="runs/ddpm.pt", step=20, settings=dict(data_dir=data_dir)),
                           summary={}), path)
 
@@ -347,7 +347,7 @@ def test_a_synthetic_set_that_does_not_fit_is_refused(small, tmp_path, monkeypat
     elif case == "dataset":
         syn = torch.load(syn_path, weights_only=True)
         syn["data"]["dataset"] = "cifar100"
-        ddpm.atomic_save(syn, syn_path)
+        common.atomic_save(syn, syn_path)
         args += ["--dataset", "folder", "--data-dir", "data"]
     elif case == "image_size":
         args = ["--preset", "tiny", "--image-size", "16", "--batch-size", "8"]
@@ -409,10 +409,10 @@ def test_compiled_train_step_equals_eager(traced_compile):
         torch.manual_seed(0)
         net = torch.nn.Sequential(clsp.make_backbone(), clsp.make_head())
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        step = clsp.make_train_step(net, opt, torch.amp.GradScaler("cpu", enabled=False), None, compiled,
-                                    1.0, 0.2, mean, std, torch.contiguous_format)
+        step = clsp.make_train_step(net, opt, torch.amp.GradScaler("cpu", enabled=False), dict(lam=1.0, tau=0.2),
+                                    mean, std, None, compiled)
         torch.manual_seed(3)
-        losses = [[v.item() for v in step(x, s)] for _ in range(2)]
+        losses = [[v.item() for v in step(x, s, 0.05).values()] for _ in range(2)]
         return losses, net.state_dict()
 
     (l_eager, w_eager), (l_comp, w_comp) = run(False), run(True)

@@ -45,8 +45,8 @@ def test_compiled_train_step_through_cuda_graphs_matches_eager():
         ema.load_state_dict(unet.state_dict())
         opt = torch.optim.Adam(unet.parameters(), lr=2e-4, fused=True)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
-        step = ddpm.make_train_step(unet, ema, opt, scaler, ddpm.make_schedule().cuda(), torch.bfloat16,
-                                    compiled, 2e-4, 0, 1.0, 0.999)
+        step = ddpm.make_train_step(unet, ema, opt, scaler, ddpm.make_schedule().cuda(),
+                                    dict(lr=2e-4, warmup=0, grad_clip=1.0, ema_decay=0.999), torch.bfloat16, compiled)
         x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device="cuda")
         torch.manual_seed(1)
         return [step(x, i).item() for i in range(n)]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import ddpm
 from conftest import REPO, run
 
@@ -140,10 +141,10 @@ def test_ddim_timesteps():
 # ---- data --------------------------------------------------------------------------------------
 
 def test_folder_loader(tiny_data):
-    x, y, classes = ddpm.load_dataset("folder", tiny_data, "train", 16)
+    x, y, classes = common.load_dataset("folder", tiny_data, "train", 16)
     assert x.dtype == torch.uint8 and x.shape == (64, 3, 16, 16)
     assert classes == ["class0", "class1", "class2", "class3"] and torch.equal(torch.bincount(y), torch.full((4,), 16))
-    x2, y2, _ = ddpm.load_dataset("folder", tiny_data, "train", 16)          # second time: from the cache
+    x2, y2, _ = common.load_dataset("folder", tiny_data, "train", 16)          # second time: from the cache
     assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
@@ -154,7 +155,7 @@ def test_cifar_offline_gives_a_clear_error(tmp_path, monkeypatch):
         raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
     with pytest.raises(SystemExit, match="could not find or download cifar10.*--dataset folder"):
-        ddpm.load_dataset("cifar10", str(tmp_path), "train")
+        common.load_dataset("cifar10", str(tmp_path), "train")
 
 
 # ---- ddpm.py as a user runs it -----------------------------------------------------------------
@@ -181,17 +182,17 @@ def test_out_of_gpu_memory_is_one_sentence_that_says_what_to_change():
     def main(argv):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(SystemExit, match=r"^error: out of GPU memory .*; rerun with a smaller --batch-size$"):
-        ddpm.run_main(main, [], "rerun with a smaller --batch-size")
+        common.run_main(main, [], "rerun with a smaller --batch-size")
 
 
 def test_autocast_dtype_follows_the_gpu(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")   # a device object needs no GPU
-    assert ddpm.autocast_dtype("auto", cpu) is None
+    assert common.autocast_dtype("auto", cpu) is None
     for capability, dtype in [((7, 0), torch.float16), ((7, 5), torch.float16),      # V100, T4
                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:   # A100, H100
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        assert ddpm.autocast_dtype("auto", gpu) == dtype
-    assert [ddpm.autocast_dtype(p, gpu) for p in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, None]
+        assert common.autocast_dtype("auto", gpu) == dtype
+    assert [common.autocast_dtype(p, gpu) for p in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, None]
 
 
 def test_fp16_training_scales_the_loss(tmp_path, tiny_data):
@@ -295,8 +296,8 @@ def test_compiled_train_step_equals_eager(traced_compile):
         ema.load_state_dict(unet.state_dict())
         opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        step = ddpm.make_train_step(unet, ema, opt, scaler, ddpm.make_schedule(), None, compiled,
-                                    1e-3, 2, 1.0, 0.999)
+        step = ddpm.make_train_step(unet, ema, opt, scaler, ddpm.make_schedule(),
+                                    dict(lr=1e-3, warmup=2, grad_clip=1.0, ema_decay=0.999), None, compiled)
         x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
         torch.manual_seed(2)
         losses = [step(x, i).item() for i in range(3)]

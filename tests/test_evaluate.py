@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import make_image_folder, run
-from evaluate import knn_predict, linear_probe
+from clsp import knn_predict
+from evaluate import linear_probe
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import ddpm
 import evaluate
 from conftest import REPO, make_image_folder, run
@@ -47,8 +48,8 @@ def test_labels_come_from_the_training_class_names(tmp_path):
     shifted by one before, and evaluate.py reported 0 %)."""
     d = make_image_folder(str(tmp_path / "d"))
     shutil.rmtree(os.path.join(d, "test", "class1"))
-    _, y_train, classes = ddpm.load_dataset("folder", d, "train", 16)
-    _, y_test, test_classes = ddpm.load_dataset("folder", d, "test", 16)
+    _, y_train, classes = common.load_dataset("folder", d, "train", 16)
+    _, y_test, test_classes = common.load_dataset("folder", d, "test", 16)
     assert classes == test_classes == ["class0", "class1", "class2", "class3"]
     assert sorted(set(y_test.tolist())) == [0, 2, 3]
 
@@ -57,7 +58,7 @@ def test_a_test_class_the_training_split_lacks_is_refused(tmp_path):
     d = make_image_folder(str(tmp_path / "d"))
     os.rename(os.path.join(d, "test", "class3"), os.path.join(d, "test", "zebra"))
     with pytest.raises(SystemExit, match="zebra.*training folder of the same name"):
-        ddpm.load_dataset("folder", d, "test", 16)
+        common.load_dataset("folder", d, "test", 16)
 
 
 def test_a_single_class_is_called_trivial(tmp_path, capsys):
@@ -65,7 +66,7 @@ def test_a_single_class_is_called_trivial(tmp_path, capsys):
     for split in ("train", "test"):
         for c in ("class1", "class2", "class3"):
             shutil.rmtree(os.path.join(d, split, c))
-    ddpm.load_dataset("folder", d, "train", 16)
+    common.load_dataset("folder", d, "train", 16)
     assert "single class" in capsys.readouterr().out
 
 
@@ -109,7 +110,7 @@ def test_a_lock_file_removed_while_it_is_being_taken_is_taken_anew(tmp_path, mon
     """Run A ends (removing its lock file) just after run B opened that file: B must not lock the removed
     file, or a third run C, creating the file anew, would write at the same time as B."""
     path = str(tmp_path / "x.pt")
-    a = ddpm.claim_output(path)
+    a = common.claim_output(path)
     a.__enter__()
     opened = []
 
@@ -119,11 +120,11 @@ def test_a_lock_file_removed_while_it_is_being_taken_is_taken_anew(tmp_path, mon
             a.__exit__(None, None, None)                 # A ends between B's open and B's lock
         opened.append(name)
         return f
-    monkeypatch.setattr(ddpm, "open", open_then_a_ends, raising=False)
-    with ddpm.claim_output(path):                        # B
+    monkeypatch.setattr(common, "open", open_then_a_ends, raising=False)
+    with common.claim_output(path):                        # B
         monkeypatch.undo()
         with pytest.raises(SystemExit, match="another run is writing"):
-            with ddpm.claim_output(path):                # C
+            with common.claim_output(path):                # C
                 pass
     assert len(opened) == 2                              # B took the lock file that was there
 
@@ -226,7 +227,7 @@ def test_a_failed_download_leaves_no_folder(tmp_path, monkeypatch):
         raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", half_download)
     with pytest.raises(SystemExit, match="could not find or download"):
-        ddpm.load_dataset("cifar10", str(tmp_path / "nonexistent"), "train")
+        common.load_dataset("cifar10", str(tmp_path / "nonexistent"), "train")
     assert not os.path.exists(tmp_path / "nonexistent")
 
 
@@ -248,8 +249,8 @@ def test_a_gpu_preset_on_a_cpu_warns_and_points_at_tiny(tmp_path, tiny_data):
 
 def test_a_progress_line_is_due_within_seconds_whatever_log_every(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(ddpm.time, "perf_counter", lambda: now[0])
-    progress = ddpm.Progress(1000, 0, "step")
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    progress = common.Progress(1000, 0, "step")
     assert not progress.due()
     now[0] += 6                                              # the first line within 5 s
     assert progress.due()
@@ -276,11 +277,11 @@ def test_the_baseline_takes_its_data_from_the_artifacts(chain, tmp_path):
 
 def test_the_folder_cache_is_one_file_per_split_and_size(tmp_path):
     d = make_image_folder(str(tmp_path / "d"))
-    x1, _, _ = ddpm.load_dataset("folder", d, "train", 16)
+    x1, _, _ = common.load_dataset("folder", d, "train", 16)
     image = os.path.join(d, "train", "class0", "000.png")
     os.utime(image, (time.time() + 10, time.time() + 10))    # a file changed: the cache is rebuilt
-    x2, _, _ = ddpm.load_dataset("folder", d, "train", 16)
-    ddpm.load_dataset("folder", d, "train", 8)
+    x2, _, _ = common.load_dataset("folder", d, "train", 16)
+    common.load_dataset("folder", d, "train", 8)
     assert torch.equal(x1, x2)
     assert sorted(f for f in os.listdir(d) if f.startswith(".")) == [".clsp_cache_train_16px.pt",
                                                                      ".clsp_cache_train_8px.pt"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import ddpm
 import generate
 from conftest import run
@@ -148,7 +149,7 @@ def test_candidate_k_of_image_i_is_images_i_k(chain, tmp_path, monkeypatch):
     art = torch.load("runs/copies.pt", weights_only=True)
     images = art["images"]
     assert images.shape == (10, 3, 3, 16, 16) and images.dtype == torch.uint8
-    x, _, _ = ddpm.load_dataset("folder", chain.data, "train", 16)
+    x, _, _ = common.load_dataset("folder", chain.data, "train", 16)
     dist = (images[:, :, None].float() - x[None, None, :10].float()).abs().mean((3, 4, 5))   # [i, k, j]
     assert (dist.argmin(-1) == torch.arange(10)[:, None]).all()
     assert dist[torch.arange(10), :, torch.arange(10)].max() < 10        # a near copy: ~4 of 255 off
@@ -299,7 +300,7 @@ def test_compiled_sampler_equals_eager(traced_compile):
     assert counter.frame_count == 1                       # one trace for every step and both values of w
 
 
-def test_make_candidates_pads_every_batch_to_one_shape(monkeypatch):
+def test_sampler_pads_every_batch_to_one_shape(monkeypatch):
     """A last, smaller batch is padded to the full number of rows (one shape: one compile); the padding
     never reaches the candidates."""
     shapes = []
@@ -309,6 +310,7 @@ def test_make_candidates_pads_every_batch_to_one_shape(monkeypatch):
         return generate.interpolated_eps(unet, x, xa_t, t, w)
     unet, abar = small_unet(), ddpm.make_schedule()
     anchors = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
-    out = generate.make_candidates(unet, anchors, 2, 0.1, 3, 0.1, 0, 5, abar, rows=10, eps_fn=eps_fn)
+    sampler = generate.Sampler(unet, abar, S=3, eta=0.1, seed=0, rows=10, eps_fn=eps_fn)
+    out = sampler.candidates(anchors, 2, 0.1, 5)
     assert out.shape == (3, 2, 3, 16, 16) and out.dtype == torch.uint8
     assert set(shapes) == {(10, 3, 16, 16)}

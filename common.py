@@ -1,0 +1,580 @@
+"""The plumbing every stage of CLSP shares, and none of the method.
+
+The method lives in the four stage files, each read top to bottom on its own:
+
+    ddpm.py      stage 1: the forward process, the UNet, DDIM sampling, Algorithm 1 of Ho et al.
+    generate.py  stage 2: interpolated DDIM sampling, K synthetic positives per training image
+    clsp.py      stage 3: the ResNet-18, the augmentations, NT-Xent + the CLSP term, the kNN vote
+    evaluate.py  stage 4: the linear probe, the diagnostics of the positives
+
+This file holds what makes each of them a dependable program and what none of them is about: settings
+and presets, devices, precision and compile switches, the data sets and their fingerprint, safe
+artifacts (a lock, atomic writes, checked loads, resume state), progress lines and MFU, Ctrl-C and
+SIGTERM, one-sentence failures and the picture grid. A stage imports method only from an earlier stage
+(`from ddpm import UNet`) and plumbing only from here, so copying clsp.py into another project means
+copying clsp.py and this file. Nothing here needs reading to understand CLSP.
+
+What it guarantees, in one place:
+  - a mistake (a flag, a missing or mismatched artifact, a data set that is not there) stops the run
+    before any work with one sentence that says what to do, never a traceback;
+  - artifacts are written to a temporary file and renamed, so a kill or a full disk leaves the previous
+    file intact; a stale temporary file is removed by the next run that writes that path;
+  - two runs never write the same artifact at once (a lock beside it, freed by the OS even on kill -9);
+  - every artifact records a fingerprint of the data it was made from, and the next stage checks it.
+"""
+
+import argparse
+import contextlib
+import glob
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------------
+# Failing clearly
+# ------------------------------------------------------------------------------------------------
+
+def fail(msg):
+    """Stop with one clear sentence (and exit code 1), never with a traceback, for a user's mistake."""
+    raise SystemExit(f"error: {msg}")
+
+
+def run_main(main, argv, oom_hint, interrupt_hint="nothing was lost that was saved"):
+    """main(argv), with the GPU running out of memory (a smaller GPU than the preset assumes, or another
+    program on it) and a second Ctrl-C turned into one sentence each, instead of a traceback."""
+    try:
+        main(argv)
+    except torch.cuda.OutOfMemoryError:
+        fail(f"out of GPU memory (nvidia-smi shows what else uses it); {oom_hint}")
+    except KeyboardInterrupt:
+        fail(f"stopped at once by Ctrl-C; {interrupt_hint}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings: defaults <- preset <- the flags the user gave; hints that repeat those flags
+# ------------------------------------------------------------------------------------------------
+
+def settings_adder(p, defaults, presets):
+    """add("--lr", "help", type=float): a flag whose default is written once, in `defaults`. argparse's
+    own default stays None, so resolve_settings knows which flags were given; --help shows the standard
+    value and the presets that change it."""
+    def add(flag, help, **kw):
+        key = kw.get("dest") or flag[2:].replace("-", "_")
+        if key in defaults and defaults[key] is not None:
+            show = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+            other = [f"{name} {show(pr[key])}" for name, pr in presets.items() if key in pr]
+            help += f" (standard: {show(defaults[key])}" + (f"; {', '.join(other)}" if other else "") + ")"
+        p.add_argument(flag, help=help.replace("%", "%%"), **kw)
+    p.add_argument("--preset", default="standard", help="tiny | quick | standard | paper (default: %(default)s)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    return add
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_run_flags(p, what_compiles):
+    """--precision and --compile, the same in every stage."""
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast dtype; auto: bf16 on A100/H100-class GPUs, fp16 on older ones, fp32 on a CPU")
+    if what_compiles:
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help=f"torch.compile {what_compiles} (default: on with a CUDA GPU, off on a CPU)")
+
+
+def resolve_settings(args, defaults, presets):
+    """settings = defaults <- preset <- every flag the user gave explicitly (argparse default None).
+    Returns (settings, explicit), tuples as lists, as an artifact saves them."""
+    if args.preset not in presets:
+        fail(f"unknown --preset {args.preset!r}; choose one of {', '.join(presets)}")
+    as_saved = lambda d: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    explicit = as_saved({k: v for k, v in vars(args).items() if v is not None and k in defaults})
+    return as_saved({**defaults, **presets[args.preset], **explicit}), explicit
+
+
+def command(script, args, *extra):
+    """`python ddpm.py --preset tiny --dataset folder --data-dir DIR ...`: a command for a hint, with the
+    user's own --preset and data flags (those given on this command line), so it can be pasted as it is."""
+    flags = [] if args.preset == "standard" else ["--preset", args.preset]
+    for key in ("dataset", "data_dir", "image_size"):
+        if getattr(args, key, None) is not None:
+            flags += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return "`" + " ".join(["python", script] + [shlex.quote(f) for f in flags + list(extra)]) + "`"
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices, precision, compile
+# ------------------------------------------------------------------------------------------------
+
+def pick_device(name, preset=None):
+    """--device, or cuda when PyTorch sees a GPU. A GPU preset on a CPU is allowed, with a warning."""
+    if name is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            fail(f"--device {name!r} is not a device name; use cuda, cuda:1 or cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name} was asked for but PyTorch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cpu" and preset not in (None, "tiny"):
+        print(f"warning: the {preset} preset is sized for a GPU and takes hours to days on a CPU; "
+              f"for a first look at every stage on this machine, use --preset tiny", flush=True)
+    return device
+
+
+def autocast_dtype(precision, device):
+    """--precision -> the dtype autocast runs convolutions and matmuls in, or None for plain fp32.
+
+    auto: bf16 on a GPU with bf16 tensor cores (compute capability 8.0 and up: A100, H100, L4, RTX 30xx
+    and 40xx), with fp32's range, so nothing else changes. Older GPUs (T4, V100, RTX 20xx) have no bf16
+    tensor cores (PyTorch emulates bf16 there; public reports find it slower than fp32) but do have
+    fp16 ones: there auto means fp16, whose small range needs loss scaling in training (the GradScaler
+    of stages 1 and 3; it does nothing in bf16 or fp32). On a CPU, auto is fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def compile_enabled(flag, device):
+    """--compile / --no-compile, or by default: on with a CUDA GPU that Triton (inductor's GPU code
+    generator) supports, off on a CPU, where compiling takes longer than the small runs it would speed up."""
+    if flag is not None:
+        return flag
+    if device.type != "cuda":
+        return False
+    import importlib.util
+    if importlib.util.find_spec("triton") is None or torch.cuda.get_device_capability(device) < (7, 0):
+        print("note: torch.compile is off: it needs Triton (`pip install triton`) and a GPU of compute "
+              "capability 7.0 or newer; the run is eager, slower but the same", flush=True)
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: the whole data set as one uint8 tensor [N, 3, H, W] (150 MB for CIFAR-10). Every stage loads it
+# the same way, so "image i" means the same picture in all four scripts, and labels come from the
+# class names of the training split, the same numbers in train/ and test/.
+# ------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff")
+
+
+def load_dataset(name, data_dir, split, image_size=32):
+    """Returns (x uint8 [N, 3, S, S], y int64 [N], class_names) for split 'train' or 'test'."""
+    if name in ("cifar10", "cifar100"):
+        x, y, classes = _load_cifar(name, data_dir, split)
+        if image_size != 32:
+            x = F.interpolate(x.float(), size=image_size, mode="bilinear", antialias=True,
+                              align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    elif name == "folder":
+        x, y, classes = _load_folder(data_dir, split, image_size)
+    else:
+        fail(f"unknown --dataset {name!r}; choose cifar10, cifar100 or folder (with --data-dir DIR)")
+    if split == "train" and len(classes) < 2:
+        print(f"warning: {data_dir} has a single class, so every accuracy this pipeline reports is 100 % "
+              f"and means nothing; give it two or more class folders", flush=True)
+    return x, y, classes
+
+
+def _load_cifar(name, data_dir, split):
+    import torchvision  # imported here: only this branch needs it
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    existed = os.path.isdir(data_dir)
+    try:
+        ds = cls(root=data_dir, train=(split == "train"), download=True)
+    except Exception as e:  # no network, a half-downloaded archive, a read-only directory...
+        if not existed:      # a failed download leaves no empty folder behind
+            shutil.rmtree(data_dir, ignore_errors=True)
+        fail(f"could not find or download {name} under {data_dir!r} ({type(e).__name__}: {e}); "
+             f"download it on a machine with internet into that directory, or point at an image "
+             f"folder with --dataset folder --data-dir DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
+    x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()   # NHWC -> NCHW
+    return x, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)
+
+
+def _load_folder(data_dir, split, image_size):
+    """An image-folder tree DIR/<split>/<class>/*.png, decoded once with PIL and cached in
+    DIR/.clsp_cache_<split>_<size>px.pt (one file per split and size, rebuilt when the files change)."""
+    from PIL import Image
+    root = os.path.join(data_dir, split)
+    if not os.path.isdir(root):
+        fail(f"no folder {root!r}: --dataset folder expects DIR/train/<class>/* and DIR/test/<class>/*")
+    subdirs = lambda r: sorted(d for d in os.listdir(r) if os.path.isdir(os.path.join(r, d)))
+    train_root = os.path.join(data_dir, "train")
+    classes = subdirs(train_root) if os.path.isdir(train_root) else subdirs(root)   # train/ names them
+    unknown = [c for c in subdirs(root) if c not in classes]
+    if unknown:
+        fail(f"{root} has class folders that {train_root} lacks ({', '.join(unknown)}); labels come from the "
+             f"training classes, so every test class needs a training folder of the same name")
+    files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes) if os.path.isdir(os.path.join(root, c))
+             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        fail(f"found no images under {root!r}; expected {root}/<class>/<image>.png")
+    # The cache is keyed by the file list, sizes and times, so the PNGs are decoded only the first time.
+    key = hashlib.sha1(json.dumps([(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files]
+                                  + [image_size, classes]).encode()).hexdigest()
+    cache = os.path.join(data_dir, f".clsp_cache_{split}_{image_size}px.pt")
+    try:
+        c = torch.load(cache, weights_only=True)
+        if c["key"] == key:
+            return c["x"], c["y"], c["classes"]
+    except Exception:
+        pass  # no cache yet, an old one, or a damaged one: (re)built below
+
+    def read(path):
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception as e:
+            fail(f"cannot read image {path!r} ({e}); remove or replace it")
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        return np.asarray(img)
+
+    with ThreadPoolExecutor(8) as pool:
+        x = np.stack(list(pool.map(read, [p for p, _ in files])))
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor([i for _, i in files], dtype=torch.int64)
+    try:
+        torch.save({"key": key, "x": x, "y": y, "classes": classes}, f"{cache}.tmp{os.getpid()}")
+        os.replace(f"{cache}.tmp{os.getpid()}", cache)
+        for old in glob.glob(os.path.join(glob.escape(data_dir), f".cache_{split}_{image_size}px_*.pt")):
+            os.remove(old)    # the one-file-per-file-list caches of earlier versions of this project
+    except (OSError, RuntimeError):
+        pass  # a read-only or full data directory: no cache, just slower next time
+    return x, y, classes
+
+
+def data_info(name, x, y, classes):
+    """What every artifact records about the data it was made from, so the next stage can check it. The
+    fingerprint (a hash of every pixel and label) tells two folders with the same counts apart."""
+    h = hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=8)
+    h.update(y.numpy().tobytes())
+    return dict(dataset=name, image_size=int(x.shape[-1]), num_classes=len(classes),
+                num_train=int(x.shape[0]), fingerprint=h.hexdigest())
+
+
+def describe_data(info):
+    """'cifar10 (50000 images, 10 classes, 32px, fingerprint 1a2b...)' for messages."""
+    return (f"{info.get('dataset')} ({info.get('num_train')} images, {info.get('num_classes')} classes, "
+            f"{info.get('image_size')}px, fingerprint {info.get('fingerprint', 'none')})")
+
+
+def require_same_data(info, recorded, made, remedy):
+    """Stop unless the data found now is the data an artifact was made from: `made` says which artifact
+    ("runs/ddpm.pt was trained on"), `remedy` what to do."""
+    if info != recorded:
+        fail(f"{made} {describe_data(recorded)}, but the training data found now is {describe_data(info)}; {remedy}")
+
+
+class EpochOrder:
+    """order.batch(step) -> the indices of that step's batch of B images. Each epoch is a new shuffle of
+    the N images from its own seeded generator, so a resumed run sees the same order, cut into N // B
+    full batches (a last partial batch is dropped, like drop_last=True). The shuffle is made on the CPU
+    and moved to the device once per epoch: a copy per step would stall the GPU."""
+
+    def __init__(self, N, B, seed, device):
+        self.N, self.B, self.seed, self.device = N, B, seed, device
+        self.steps_per_epoch = N // B
+        self.epoch = self.perm = None
+
+    def batch(self, step):
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self.perm, self.epoch = torch.randperm(self.N, generator=g).to(self.device), epoch
+        return self.perm[i * self.B:(i + 1) * self.B]
+
+
+# ------------------------------------------------------------------------------------------------
+# Artifacts: plain dicts of tensors and Python values, so torch.load(..., weights_only=True) reads them;
+# written to a temporary file and renamed, so an interruption never leaves half a file.
+# ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def claim_output(path, *pictures):
+    """`with claim_output(out, picture):` the body runs only if `out` can be written and no other run is
+    writing it. Checked before any work, so a wrong --out fails in a second, not after an epoch. The
+    lock is a file beside the artifact held with flock, which the OS releases when the process ends,
+    even on kill -9, so a crashed run never leaves it stuck. Temporary files that an interrupted save
+    of these paths left behind are removed."""
+    lock = lock_file(path)
+    try:
+        for p in (path, *pictures):
+            for tmp in glob.glob(glob.escape(p) + ".tmp*"):
+                os.remove(tmp)              # ours: the lock says no other run writes this path
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".lock")       # tidy; a run that opened it just before locks anew (below)
+        lock.close()
+
+
+def lock_file(path):
+    """The open lock file of `path` (<path>.lock), locked by this process, or one sentence saying why not."""
+    lock_path = path + ".lock"
+    for _ in range(100):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+            lock = open(lock_path, "a")
+        except OSError as e:
+            fail(f"cannot write {path} ({e.strerror or e}); pass an --out in a folder you can write")
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+                return lock
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            fail(f"another run is writing {path} right now; wait for it to end, or pass another --out")
+        # The run before us removes the file when it ends; if it did so between our open and our lock,
+        # we hold a lock on a file nobody else sees: then lock the file that is there now instead.
+        with contextlib.suppress(OSError):
+            if os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        lock.close()
+    fail(f"could not lock {lock_path}; another program keeps replacing it")
+
+
+def beside(path, suffix):
+    """runs/ddpm.pt, '_samples.png' -> runs/ddpm_samples.png: pictures go beside their artifact."""
+    return os.path.splitext(path)[0] + suffix
+
+
+def atomic_write(path, write):
+    """write(tmp) to a temporary file, then rename it to `path`: readers see the old file or the new
+    one, never half of one. A full disk (or any failed write) is one sentence; the old file is intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)   # atomic on POSIX and Windows
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(folder).free / 1e6
+        reason = (getattr(e, "strerror", None) or str(e).splitlines()[0])[:120]
+        fail(f"could not write {path} ({reason}); {free:,.0f} MB are free on its disk, so it may be full: "
+             f"free some space and run the same command again (--resume where the script has it); the "
+             f"previous {path}, if there was one, is intact")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_artifact(path, keys, what, remedy):
+    """Load an artifact, or stop with a sentence that says how to make it (`remedy`, a command). It must
+    be a dict with `keys` (`what` names it in messages), not some other file of the same name."""
+    if not os.path.exists(path):
+        fail(f"{path} does not exist; run {remedy} first (or point the flag at the right file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable artifact ({type(e).__name__}); it may be truncated or from "
+             f"another program: delete it and run {remedy} again")
+    if not isinstance(obj, dict) or not set(keys) <= obj.keys():
+        missing = sorted(set(keys) - obj.keys()) if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        fail(f"{path} is not {what} (it lacks {missing}); point the flag at the right file, or run {remedy}")
+    return obj
+
+
+def refuse_to_overwrite(path, how_to_continue):
+    """A new run never replaces an existing artifact (hours of work): it says what to do instead."""
+    if os.path.exists(path):
+        fail(f"{path} already exists; {how_to_continue}, write elsewhere with --out, or delete it to start over")
+
+
+def load_for_resume(path, must_have, explicit, free, remedy):
+    """--resume: the checkpoint and its own settings, so the run ends exactly where it would have.
+    Only the settings in `free` (paths, logging) may be changed by a flag; any other is refused."""
+    ckpt = load_artifact(path, (must_have, "settings", "data", "step", "optimizer"), "a checkpoint to resume", remedy)
+    clash = {k: v for k, v in explicit.items() if k not in free and ckpt["settings"].get(k) != v}
+    if clash:
+        fail(f"--resume continues {path} with its own settings, but you asked for {clash}; "
+             f"drop those flags, or start a new run without --resume")
+    return ckpt, {**ckpt["settings"], **{k: v for k, v in explicit.items() if k in free}}
+
+
+def training_state(opt, scaler, device):
+    """What a resumed run must continue besides the weights (stages 1 and 3 save it every time): the
+    optimiser's state (momentum, Adam's moments), the fp16 loss scale, and the random streams, the
+    CPU's and the GPU's when on one."""
+    return dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng_cpu=torch.get_rng_state(),
+                **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+
+
+def restore_training_state(ckpt, opt, scaler, device):
+    """The inverse of training_state, after the weights are loaded; returns the step to continue from."""
+    opt.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):   # fp16 only: a bf16 or fp32 run saves an empty one
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in ckpt:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+    return ckpt["step"]
+
+
+def save_grid(images, path, nrow, labels=None):
+    """uint8 [N, 3, H, W] -> one PNG grid, written atomically. torchvision.utils.make_grid lays out the
+    tiles; ours adds two things it cannot: small images are enlarged (nearest neighbour, to at least
+    64 pixels, so 16- and 32-pixel tiles can be seen), and `labels` name the columns in a header."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+    scale = max(1, math.ceil(64 / images.shape[-1]))
+    tiles = images.cpu().repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    grid = make_grid(tiles, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    img = Image.fromarray(grid)
+    if labels:
+        top = 14
+        header = Image.new("RGB", (img.width, img.height + top), "white")
+        header.paste(img, (0, top))
+        draw, tile = ImageDraw.Draw(header), tiles.shape[-1] + 2
+        for col, text in enumerate(labels):
+            draw.text((2 + col * tile + 2, 1), text, fill="black")
+        img = header
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress lines and model FLOPs utilisation (MFU = achieved FLOP/s / the GPU's dense bf16 peak; for
+# V100 and T4, which have no bf16 tensor cores, the fp16 peak that --precision auto uses there)
+# ------------------------------------------------------------------------------------------------
+
+PEAK_BF16_TFLOPS = {"H100": 989, "H100 PCIe": 756, "H100 NVL": 835, "H800": 989, "H200": 989,
+                    "H200 NVL": 835, "GH200": 989, "A100": 312, "A800": 312, "L40S": 362, "L40": 181,
+                    "L4": 121, "A10": 125, "RTX 4090": 165, "RTX 3090": 71, "V100": 125, "T4": 65}
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 tensor-core peak in FLOP/s, or None when unknown (then no MFU is shown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn(), counted by PyTorch's own operator-level counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def fmt_time(seconds):
+    seconds = int(max(seconds, 0))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Prints `step 1200/60000 | loss 0.0310 | 5230 img/s | MFU 41.0% | 2m10s elapsed, 14m05s left`.
+
+    A training loop hands it its losses each step (`add(loss=...)`, summed on the device: no host sync)
+    and asks for a line now and then (`line`): the mean of each loss since the last line, checked to be
+    finite, as a run must not save a diverged model. Speed and time left are measured from `warmed_up()`
+    on, so a first step that compiles (a minute) does not distort them; the elapsed time includes it."""
+
+    def __init__(self, total, done=0, unit="step", images_per_unit=1, flops_per_unit=None, peak=None,
+                 warming=False, on_nan="start a new run with a lower --lr"):
+        self.total, self.start_done, self.unit = total, done, unit
+        self.images_per_unit, self.flops_per_unit, self.peak = images_per_unit, flops_per_unit, peak
+        self.t_start = self.t0 = self.last = time.perf_counter()
+        self.warmup = "compiling" if warming else None     # until warmed_up(): no speed, no time left
+        self.on_nan = on_nan                               # what to do when a loss is not finite
+        self.names, self.sums, self.n = (), None, 0
+
+    def warmed_up(self, done, what="warm-up"):
+        now = time.perf_counter()
+        self.warmup = f"{what} {now - self.t_start:.0f}s"
+        self.t0, self.start_done = now, done
+
+    def due(self, seconds=30):
+        """True when no line was printed for `seconds` (the first one after 5 s): a slow run is never
+        silent for long, whatever its --log-every."""
+        return time.perf_counter() - self.last > (5 if self.last == self.t_start else seconds)
+
+    def add(self, **losses):
+        """This step's losses, 0-d tensors by name (L_simclr=..., L_clsp=...), summed on the device."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        self.sums = values if self.sums is None else self.sums + values
+        self.names, self.n = tuple(losses), self.n + 1
+
+    def line(self, done, **metrics):
+        """Print a line; with losses added since the last one, their means first (one host sync), and
+        stop the run, before anything is saved, if one is not finite."""
+        if self.n:
+            means = dict(zip(self.names, (self.sums / self.n).tolist()))
+            if not all(map(math.isfinite, means.values())):
+                fail(f"the loss became {means} at {self.unit} {done:g}; {self.on_nan}")
+            metrics = {**means, **metrics}
+            self.sums, self.n = None, 0
+        now = time.perf_counter()
+        rate = 0.0 if self.warmup == "compiling" else (done - self.start_done) / max(now - self.t0, 1e-9)
+        parts = [f"{self.unit} {done:.2f}/{self.total}" if isinstance(done, float) else
+                 f"{self.unit} {done}/{self.total}"]
+        parts += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        if rate > 0:
+            parts.append(f"{rate * self.images_per_unit:,.0f} img/s")
+            if self.flops_per_unit and self.peak:
+                parts.append(f"MFU {100 * rate * self.flops_per_unit / self.peak:.1f}%")
+        if self.warmup:
+            parts.append(self.warmup)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        parts.append(f"{fmt_time(now - self.t_start)} elapsed, {fmt_time(left) if math.isfinite(left) else '?'} left")
+        print(" | ".join(parts), flush=True)
+        self.last = now
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: stop at a step boundary, where a checkpoint resumes exactly
+# ------------------------------------------------------------------------------------------------
+
+class StopFlag:
+    """`with StopFlag() as stop:` Ctrl-C (or SIGTERM) inside the block asks the loop to stop at the end
+    of the current step instead of killing it mid-update (the loop reads stop.requested): a checkpoint
+    written then is consistent, so --resume continues exactly. A second Ctrl-C quits at once. After the
+    block, Ctrl-C interrupts at once again."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handler)
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping at the end of this step (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)
