@@ -82,6 +82,28 @@ def test_encode_decode_is_forward_and_shapes(ch_mult, size, bottleneck):
     assert torch.equal(eps, unet(x_t, t))
 
 
+def test_every_resblock_of_the_tiny_unet_sees_t():
+    """Each ResBlock adds the time embedding as one constant per channel; a GroupNorm with one channel per
+    group after it would subtract exactly that constant (the tiny preset's 32-channel level did). So for
+    every block of the tiny UNet, at every level, down, middle and up: another t must change its output.
+    The weights are redrawn at PyTorch's usual scale (ddpm.py starts each residual branch near zero)."""
+    s = {**ddpm.DEFAULTS, **ddpm.PRESETS["tiny"]}
+    torch.manual_seed(0)
+    unet = ddpm.build_unet(s).eval()
+    for m in unet.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.reset_parameters()
+    blocks = [m for m in unet.modules() if isinstance(m, ddpm.ResBlock)]
+    assert len(blocks) == 2 + 2 + 4           # down: one a level; middle: two; up: two a level
+    temb = unet.temb(ddpm.timestep_embedding(torch.tensor([10, 900]), s["ch"]))
+    for block in blocks:
+        x = torch.randn(1, block.block1[0].num_channels, 8, 8).expand(2, -1, -1, -1)   # one input, two t
+        with torch.no_grad():
+            out = block(x, temb)
+        change = (out[0] - out[1]).abs().mean() / out.abs().mean()
+        assert change > 1e-2, (block.block2[0], float(change))
+
+
 def test_timestep_embedding_distinguishes_steps():
     e = ddpm.timestep_embedding(torch.tensor([0, 1, 999]), 32)
     assert e.shape == (3, 32)
