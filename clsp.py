@@ -430,7 +430,8 @@ def main(argv=None):
     device = pick_device(args.device, args.preset)
     ckpt = None
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
-        ckpt, s = load_for_resume(args.out, "backbone", explicit, FREE_ON_RESUME, command("clsp.py", args, "--out", args.out))
+        ckpt, s = load_for_resume(args.out, "backbone", explicit, FREE_ON_RESUME,
+                                  command("clsp.py", args, "--out", args.out))
         if ckpt["finished"]:
             print(f"{args.out} already finished all {ckpt['epoch']} epochs; nothing to do", flush=True)
             return
@@ -493,8 +494,8 @@ def main(argv=None):
         step = train(train_step, x_train, synthetic, s, step, end_of_epoch, stop, progress)
         if stop.requested:
             save(step)                            # at a step boundary: a stop in the last step still finishes
-            raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); "
-                             f"saved {args.out}: continue with {command('clsp.py', args, '--resume', '--out', args.out)}")
+            raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); saved "
+                             f"{args.out}: continue with {command('clsp.py', args, '--resume', '--out', args.out)}")
     print(f"wrote {args.out} ({s['epochs']} epoch{'s' * (s['epochs'] != 1)})", flush=True)
 
 

@@ -432,6 +432,42 @@ def restore_training_state(ckpt, opt, scaler, device):
     return ckpt["step"]
 
 
+def part_path(parts, b):
+    return os.path.join(parts, f"batch_{b:06d}.pt")
+
+
+def resume_parts(parts, manifest, n_batches):
+    """A long artifact made batch by batch (generate.py's candidates) keeps each finished batch b in
+    part_path(parts, b), beside a manifest of what made them (settings, inputs). Returns the batches an
+    interrupted run with the same manifest finished ({b: images}), or {} and a new, empty parts folder;
+    a parts folder of other settings is refused, so one artifact never mixes two of them."""
+    chunks = {}
+    if not os.path.isdir(parts):
+        os.makedirs(parts)
+        atomic_save(manifest, os.path.join(parts, "manifest.pt"))
+        return chunks
+    try:
+        old = torch.load(os.path.join(parts, "manifest.pt"), weights_only=True)
+    except Exception:
+        fail(f"{parts} holds an unfinished run but no readable manifest; delete {parts} and run again")
+    if old != manifest:
+        diff = {k: (old["settings"].get(k), v) for k, v in manifest["settings"].items()
+                if old["settings"].get(k) != v}
+        fail(f"{parts} holds an unfinished run made with other settings or inputs "
+             f"({diff or 'an input or the data changed'}, as (then, now)); rerun with the old "
+             f"settings to finish it, or delete {parts} to start afresh")
+    for name in os.listdir(parts):
+        if ".tmp" in name:
+            os.remove(os.path.join(parts, name))    # a save that a kill cut short
+    for b in range(n_batches):
+        try:
+            chunks[b] = torch.load(part_path(parts, b), weights_only=True)["images"]
+        except Exception:
+            pass                            # not written yet (or unreadable): it is simply made again
+    print(f"resuming: {len(chunks)}/{n_batches} batches already done in {parts}", flush=True)
+    return chunks
+
+
 def save_grid(images, path, nrow, labels=None):
     """uint8 [N, 3, H, W] -> one PNG grid, written atomically. torchvision.utils.make_grid lays out the
     tiles; ours adds two things it cannot: small images are enlarged (nearest neighbour, to at least

@@ -116,11 +116,12 @@ class GroupNorm(nn.GroupNorm):
     embedding entirely (the tiny preset's 32-channel level had exactly that). With two or more channels
     per group only their common shift is removed. ch 64 and 128 keep 32 groups: the authors' model.
 
-    On a GPU under bf16/fp16 autocast it also runs in the input's dtype. Autocast runs group_norm in fp32, so every GroupNorm of an eager bf16 step cast its input up and its
-    output back down: a profile of one eager training step (H200, batch 128) counted about 900 copy
-    kernels, a third of the GPU time, and bf16 ran slower than fp32. CUDA's GroupNorm kernel takes bf16
-    and fp16 inputs and accumulates its mean and variance in fp32 itself, so the casts buy nothing.
-    (Compiled, inductor fuses GroupNorm, SiLU and the casts anyway; this is for the eager path.)"""
+    On a GPU under bf16/fp16 autocast it also runs in the input's dtype. Autocast runs group_norm in
+    fp32, so every GroupNorm of an eager bf16 step cast its input up and its output back down: a profile
+    of one eager training step (H200, batch 128) counted about 900 copy kernels, a third of the GPU
+    time, and bf16 ran slower than fp32. CUDA's GroupNorm kernel takes bf16 and fp16 inputs and
+    accumulates its mean and variance in fp32 itself, so the casts buy nothing. (Compiled, inductor
+    fuses GroupNorm, SiLU and the casts anyway; this is for the eager path.)"""
 
     def __init__(self, ch):
         super().__init__(min(32, ch // 2), ch)
@@ -447,7 +448,8 @@ def main(argv=None):
     device = pick_device(args.device, args.preset)
     ckpt = None
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
-        ckpt, s = load_for_resume(args.out, "ema", explicit, FREE_ON_RESUME, command("ddpm.py", args, "--out", args.out))
+        ckpt, s = load_for_resume(args.out, "ema", explicit, FREE_ON_RESUME,
+                                  command("ddpm.py", args, "--out", args.out))
     check_settings(s)
     x_train, classes, info = training_images(s, ckpt, args)
     samples_png = args.samples or beside(args.out, "_samples.png")

@@ -228,7 +228,6 @@ def main(argv=None):
             times["diagnostics"] = sync_time(device) - t0
         times["total"] = time.perf_counter() - t_start
 
-        print_table(args.checkpoint, method, lam, ckpt, data["info"], transfer, s, knn, linear, knn_grid, diag, note)
         made_from = dict(checkpoint=dict(path=args.checkpoint, settings=ckpt.get("settings"), epoch=ckpt.get("epoch"),
                                          finished=ckpt.get("finished"), lam=lam, data=ckpt["data"],
                                          synthetic=ckpt.get("synthetic")),
@@ -240,6 +239,7 @@ def main(argv=None):
                       data={**data["info"], "data_dir": s["data_dir"], "num_test": int(data["x_test"].shape[0])},
                       synthetic_diagnostics=diag, note=note, seconds=times, device=str(device),
                       autocast=str(amp or "fp32"), settings=s, made_from=made_from)
+        print_table(result, method)
         atomic_write(args.out, lambda tmp: write_json(result, tmp))
     print(f"\nwrote {args.out} in {times['total']:.1f} s", flush=True)
     print_all_results(os.path.dirname(os.path.abspath(args.out)))
@@ -367,10 +367,13 @@ def sync_time(device):
     return time.perf_counter()
 
 
-def print_table(path, method, lam, ckpt, info, transfer, s, knn, linear, knn_grid, diag, note):
-    tag = f"{ckpt['data']['dataset']} -> {info['dataset']} (transfer)" if transfer else info["dataset"]
-    rows = [(f"kNN top-1 (k {min(s['knn_k'], info['num_train'])}, T {s['knn_temp']})", f"{knn:6.2f} %"),
-            (f"linear probe top-1 ({s['probe_epochs']} epochs)", f"{linear:6.2f} %")]
+def print_table(result, method):
+    """The numbers of one evaluation (what eval.json holds), as a table to read."""
+    c, info, s = result["made_from"]["checkpoint"], result["data"], result["settings"]
+    diag = result["synthetic_diagnostics"]
+    tag = f"{c['data']['dataset']} -> {info['dataset']} (transfer)" if result["transfer"] else info["dataset"]
+    rows = [(f"kNN top-1 (k {min(s['knn_k'], info['num_train'])}, T {s['knn_temp']})", f"{result['knn_top1']:6.2f} %"),
+            (f"linear probe top-1 ({s['probe_epochs']} epochs)", f"{result['linear_top1']:6.2f} %")]
     if diag:
         rows += [(f"cos(view of anchor, view of candidate), {diag['anchors']} anchors x {diag['K']}",
                   f"{diag['cos_anchor_candidate']:6.3f}"),
@@ -384,15 +387,15 @@ def print_table(path, method, lam, ckpt, info, transfer, s, knn, linear, knn_gri
                      ("  views of the anchor whose kNN class = label", f"{diag['view_label_agreement_judge']:6.2f} %"),
                      ("  (chance)", f"{diag['chance']:6.2f} %")]
     width = max(len(r[0]) for r in rows)
-    print(f"\nevaluation of {path} ({method}, lam {lam}, epoch {ckpt.get('epoch')}) on {tag}")
+    print(f"\nevaluation of {c['path']} ({method}, lam {c['lam']}, epoch {c['epoch']}) on {tag}")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     print(f"  kNN top-1 by k at T {KNN_GRID_TEMP}, as the authors report it, chosen on the test set "
-          f"(optimistic): " + "  ".join(f"k {k}: {v:.2f}" for k, v in knn_grid.items()))
+          f"(optimistic): " + "  ".join(f"k {k}: {v:.2f}" for k, v in result["knn_top1_by_k_chosen_on_test"].items()))
     if info["num_classes"] < 2:
         print("  (a single class: every accuracy above is 100 % by construction and means nothing)")
-    if note:
-        print(f"  ({note})")
+    if result["note"]:
+        print(f"  ({result['note']})")
 
 
 def print_all_results(folder):

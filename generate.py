@@ -43,14 +43,13 @@ Time:   tiny: 5.9 s on an idle 2-core CPU. On a GPU: not yet measured (the goal 
 
 import argparse
 import math
-import os
 import shutil
 import sys
 import time
 
 import torch
 
-from common import (Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside, claim_output, command,
+from common import (Progress, StopFlag, part_path, resume_parts, add_run_flags, atomic_save, autocast_dtype, beside, claim_output, command,
                     compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset, peak_flops,
                     pick_device, refuse_to_overwrite, require_same_data, resolve_settings, run_main, save_grid,
                     settings_adder)
@@ -211,8 +210,7 @@ def make_all(sampler, x_train, s, parts, manifest, compiled):
     N, K = x_train.shape[0], s["K"]
     A = sampler.rows // K                       # anchors per batch, each repeated K times
     n_batches = math.ceil(N / A)
-    chunk_path = lambda b: os.path.join(parts, f"batch_{b:06d}.pt")
-    chunks = resume_parts(parts, manifest, n_batches, chunk_path)
+    chunks = resume_parts(parts, manifest, n_batches)           # those an interrupted run finished
     done = sum(c.shape[0] for c in chunks.values())
     device = sampler.abar.device
     peak = peak_flops(device)                   # the MFU only where the GPU's peak is known
@@ -226,7 +224,7 @@ def make_all(sampler, x_train, s, parts, manifest, compiled):
                 if b in chunks:
                     continue
                 chunks[b] = sampler.candidates(x_train[b * A:(b + 1) * A], K, s["w"], b)
-                atomic_save({"images": chunks[b]}, chunk_path(b))    # the .cpu() in it waited for the GPU
+                atomic_save({"images": chunks[b]}, part_path(parts, b))   # the .cpu() in it waited for the GPU
                 done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
                 if progress.warmup == "compiling":
                     progress.warmed_up(done, "compile")
@@ -244,35 +242,6 @@ def make_all(sampler, x_train, s, parts, manifest, compiled):
     rate = made / (time.perf_counter() - t0) if made else None
     return torch.cat([chunks[b] for b in range(n_batches)]), dict(seconds=time.perf_counter() - t_start,
                                                                   images_per_second=rate)
-
-
-def resume_parts(parts, manifest, n_batches, chunk_path):
-    """The batches an interrupted run with the same manifest finished, or a new, empty parts folder."""
-    chunks = {}
-    if not os.path.isdir(parts):
-        os.makedirs(parts)
-        atomic_save(manifest, os.path.join(parts, "manifest.pt"))
-        return chunks
-    try:
-        old = torch.load(os.path.join(parts, "manifest.pt"), weights_only=True)
-    except Exception:
-        fail(f"{parts} holds an unfinished run but no readable manifest; delete {parts} and run again")
-    if old != manifest:
-        diff = {k: (old["settings"].get(k), v) for k, v in manifest["settings"].items()
-                if old["settings"].get(k) != v}
-        fail(f"{parts} holds an unfinished run made with other settings or another DDPM "
-             f"({diff or 'the DDPM checkpoint or the data changed'}, as (then, now)); rerun with the old "
-             f"settings to finish it, or delete {parts} to start afresh")
-    for name in os.listdir(parts):
-        if ".tmp" in name:
-            os.remove(os.path.join(parts, name))    # a save that a kill cut short
-    for b in range(n_batches):
-        try:
-            chunks[b] = torch.load(chunk_path(b), weights_only=True)["images"]
-        except Exception:
-            pass                            # not written yet (or unreadable): it is simply made again
-    print(f"resuming: {len(chunks)}/{n_batches} batches already done in {parts}", flush=True)
-    return chunks
 
 
 def distances(images, x_train, real, sweep, K):

@@ -133,8 +133,8 @@ def bench_ddpm(table, device, opts):
         abar = ddpm.make_schedule().to(device)
         opt = torch.optim.Adam(unet.parameters(), lr=1e-12, fused=fused and device.type == "cuda")   # tiny lr
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        step = ddpm.make_train_step(unet, ema, opt, scaler, abar, dict(lr=1e-12, warmup=0, grad_clip=1.0, ema_decay=0.9999),
-                                    dtype, compiled)
+        settings = dict(lr=1e-12, warmup=0, grad_clip=1.0, ema_decay=0.9999)
+        step = ddpm.make_train_step(unet, ema, opt, scaler, abar, settings, dtype, compiled)
         x = torch.randint(0, 256, (B, 3, sz["img"], sz["img"]), dtype=torch.uint8, device=device)
         x = x.contiguous(memory_format=layout)
         if name == "plain fp32":
