@@ -119,6 +119,12 @@ def check_settings(s):
 # never calls .item() in its loop.
 # ------------------------------------------------------------------------------------------------
 
+def probe_lr(epoch, epochs, lr=1.0, drops=(0.6, 0.8)):
+    """The probe's learning rate in epoch `epoch` (1..epochs): lr, then x0.1 after each fraction in
+    `drops` of the epochs: epochs 1-60 lr, 61-80 lr / 10, 81-100 lr / 100 for the authors' 100."""
+    return lr * 0.1 ** sum(epoch > round(f * epochs) for f in drops)
+
+
 def linear_probe(f_train, f_train_flip, y_train, f_test, y_test, num_classes, epochs=100, batch_size=256,
                  lr=1.0, lr_drops=(0.6, 0.8), seed=0, log_every=10):
     """The authors' linear evaluation on frozen, precomputed features. Returns (test top-1 %, last loss).
@@ -131,11 +137,10 @@ def linear_probe(f_train, f_train_flip, y_train, f_test, y_test, num_classes, ep
     N = f_train.shape[0]
     torch.manual_seed(seed)                                  # the Linear's initialisation
     probe = nn.Linear(f_train.shape[1], num_classes).to(device)   # PyTorch's default init, as the authors'
-    drops = [round(f * epochs) for f in lr_drops]            # epochs 60 and 80 of 100
     g = torch.Generator(device).manual_seed(seed)            # flips and order drawn on the device
     progress = Progress(epochs, 0, "probe epoch", N)
     for epoch in range(1, epochs + 1):
-        lr_now = lr * 0.1 ** sum(epoch > d for d in drops)   # epochs 1-60: lr, 61-80: lr/10, 81-100: lr/100
+        lr_now = probe_lr(epoch, epochs, lr, lr_drops)       # epochs 1-60: lr, 61-80: lr/10, 81-100: lr/100
         flip = torch.rand(N, 1, device=device, generator=g) < 0.5
         f_epoch = torch.where(flip, f_train_flip, f_train)  # this epoch's augmented training set
         perm = torch.randperm(N, device=device, generator=g)
