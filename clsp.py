@@ -37,15 +37,18 @@ import math
 import os
 import sys
 
+# common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
+from common import (EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, claim_output,
+                    command, compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset,
+                    load_for_resume, peak_flops, pick_device, refuse_to_overwrite, require_free_space,
+                    require_same_data, resolve_settings, restore_training_state, run_main, settings_adder,
+                    tensor_bytes, training_state, with_eager_fallback)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from common import (EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, claim_output, command,
-                    compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset, load_for_resume,
-                    peak_flops, pick_device, refuse_to_overwrite, require_same_data, resolve_settings,
-                    restore_training_state, run_main, settings_adder, training_state)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -427,7 +430,7 @@ def check_settings(s):
 def main(argv=None):
     args = parse_args(argv)
     s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
-    device = pick_device(args.device, args.preset)
+    device = pick_device(args.device, None if args.resume else args.preset)   # resumed: its own settings
     ckpt = None
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
         ckpt, s = load_for_resume(args.out, "backbone", explicit, FREE_ON_RESUME,
@@ -462,6 +465,10 @@ def main(argv=None):
               f"candidates each") + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
         compiled = compile_enabled(args.compile, device)
         train_step = make_train_step(net, opt, scaler, s, mean, std, amp, compiled)
+        if compiled:          # a compile or CUDA-graph failure on this GPU: one sentence, then eager
+            train_step = with_eager_fallback(train_step, lambda: make_train_step(net, opt, scaler, s, mean, std, amp),
+                                             "training step", device)
+        require_free_space(args.out, tensor_bytes(net.state_dict().values()) + tensor_bytes(net.parameters()))
         steps_per_epoch = N // B                  # drop_last: every step sees a full batch
         peak = peak_flops(device)
         progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
@@ -530,11 +537,14 @@ def take_data_from_artifacts(s, explicit):
     if {"dataset", "data_dir", "image_size"} & explicit.keys():
         return
     for path in (s["synthetic"], os.path.join(os.path.dirname(s["synthetic"]), "ddpm.pt")):
+        if not os.path.exists(path):
+            continue                              # not there: try the next
         try:
             art = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # reads no pixels
             s.update(artifact_data_settings(art))
-        except Exception:
-            continue                              # not there, or not one of ours: try the next
+        except Exception as e:
+            fail(f"{path} is there but is not a readable artifact ({type(e).__name__}), so the data it was made "
+                 f"from is unknown; delete it, or pass --dataset and --data-dir to say which data to train on")
         print(f"data: {s['dataset']} in {s['data_dir']} at {s['image_size']}px, as in {path} "
               f"(pass --dataset / --data-dir to choose another)", flush=True)
         return

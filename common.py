@@ -34,12 +34,30 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+
+def _quit_quietly(hint):
+    """A signal handler: Ctrl-C (SIGINT) or SIGTERM ends the run at once with one sentence, no traceback."""
+    def handler(signum, frame):
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        raise SystemExit(f"error: stopped by {name}; {hint}")
+    return handler
+
+
+# The scripts import this file before PyTorch, which takes seconds to load: run as a script of this
+# project (not imported by a test), a Ctrl-C or SIGTERM from here on is one sentence, not a traceback.
+if os.path.dirname(os.path.abspath(getattr(sys.modules["__main__"], "__file__", "") or "")) == \
+        os.path.dirname(os.path.abspath(__file__)):
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _quit_quietly("nothing was written yet: run the same command again"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Failing clearly
@@ -52,7 +70,11 @@ def fail(msg):
 
 def run_main(main, argv, oom_hint, interrupt_hint="nothing was lost that was saved"):
     """main(argv), with the GPU running out of memory (a smaller GPU than the preset assumes, or another
-    program on it) and a second Ctrl-C turned into one sentence each, instead of a traceback."""
+    program on it), Ctrl-C or SIGTERM outside a training loop, and a second Ctrl-C inside one, each turned
+    into one sentence instead of a traceback. (A loop's own StopFlag turns the first Ctrl-C into a stop
+    at the end of the step.)"""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _quit_quietly(interrupt_hint))
     try:
         main(argv)
     except torch.cuda.OutOfMemoryError:
@@ -152,6 +174,9 @@ def autocast_dtype(precision, device):
 def compile_enabled(flag, device):
     """--compile / --no-compile, or by default: on with a CUDA GPU that Triton (inductor's GPU code
     generator) supports, off on a CPU, where compiling takes longer than the small runs it would speed up."""
+    if flag and device.type == "cpu":   # inductor's C++ build logs "No CUDA runtime is found": true, and moot
+        import logging
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if flag is not None:
         return flag
     if device.type != "cuda":
@@ -162,6 +187,33 @@ def compile_enabled(flag, device):
               "capability 7.0 or newer; the run is eager, slower but the same", flush=True)
         return False
     return True
+
+
+def with_eager_fallback(compiled_fn, make_eager_fn, what, device):
+    """compiled_fn, made safe: if a call raises (a compile error, a Triton or CUDA-graph problem on this
+    GPU), one sentence says so, and the same call runs again with make_eager_fn()'s function, from the
+    same random state, then and from then on: the run goes on, with the same results, only slower.
+    (The steps compile only what computes: forward, backward, augmentation; nothing is updated before
+    the compiled part returns, so the call can be repeated.)"""
+    current = [compiled_fn]
+
+    def call(*args):
+        if current[0] is compiled_fn:
+            rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+            try:
+                return compiled_fn(*args)
+            except (torch.cuda.OutOfMemoryError, KeyboardInterrupt, SystemExit):
+                raise                       # not a compile problem: a smaller batch, or a stop
+            except Exception as e:
+                first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                print(f"note: the compiled {what} failed ({type(e).__name__}: {first_line}); going on without "
+                      f"compiling, with the same results, slower (--no-compile skips the attempt)", flush=True)
+                current[0] = make_eager_fn()
+                torch.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state(rng[1], device)
+        return current[0](*args)
+    return call
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,12 +245,15 @@ def load_dataset(name, data_dir, split, image_size=32):
 def _load_cifar(name, data_dir, split):
     import torchvision  # imported here: only this branch needs it
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    existed = os.path.isdir(data_dir)
+    made = os.path.abspath(data_dir)           # the outermost folder a download would create, if any
+    while not os.path.exists(os.path.dirname(made)):
+        made = os.path.dirname(made)
+    made = None if os.path.exists(made) else made
     try:
         ds = cls(root=data_dir, train=(split == "train"), download=True)
     except Exception as e:  # no network, a half-downloaded archive, a read-only directory...
-        if not existed:      # a failed download leaves no empty folder behind
-            shutil.rmtree(data_dir, ignore_errors=True)
+        if made:             # a failed download leaves no folder behind, nor the parents it made
+            shutil.rmtree(made, ignore_errors=True)
         fail(f"could not find or download {name} under {data_dir!r} ({type(e).__name__}: {e}); "
              f"download it on a machine with internet into that directory, or point at an image "
              f"folder with --dataset folder --data-dir DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
@@ -208,7 +263,7 @@ def _load_cifar(name, data_dir, split):
 
 def _load_folder(data_dir, split, image_size):
     """An image-folder tree DIR/<split>/<class>/*.png, decoded once with PIL and cached in
-    DIR/.clsp_cache_<split>_<size>px.pt (one file per split and size, rebuilt when the files change)."""
+    DIR/.clsp_cache_<split>_<size>px.pt (one file per split and size, rebuilt when any file's content changes)."""
     from PIL import Image
     root = os.path.join(data_dir, split)
     if not os.path.isdir(root):
@@ -224,10 +279,18 @@ def _load_folder(data_dir, split, image_size):
              for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         fail(f"found no images under {root!r}; expected {root}/<class>/<image>.png")
-    # The cache is keyed by the file list, sizes and times, so the PNGs are decoded only the first time.
-    key = hashlib.sha1(json.dumps([(p, os.path.getsize(p), os.path.getmtime(p)) for p, _ in files]
+    # The cache is keyed by a hash of every file's bytes (reading them is far cheaper than decoding), their
+    # names and labels, the classes and the size: it never stands in for data that changed, not even for a
+    # folder replaced by another with the same names, sizes and times (as `tar x` or `rsync -a` can give).
+    def file_hash(path):
+        with open(path, "rb") as f:
+            return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    with ThreadPoolExecutor(8) as pool:
+        hashes = list(pool.map(file_hash, [p for p, _ in files]))
+    key = hashlib.sha1(json.dumps([[os.path.relpath(p, data_dir), i, h] for (p, i), h in zip(files, hashes)]
                                   + [image_size, classes]).encode()).hexdigest()
     cache = os.path.join(data_dir, f".clsp_cache_{split}_{image_size}px.pt")
+    remove_stale_temps(cache)                 # a cache save that a kill cut short
     try:
         c = torch.load(cache, weights_only=True)
         if c["key"] == key:
@@ -256,6 +319,21 @@ def _load_folder(data_dir, split, image_size):
     except (OSError, RuntimeError):
         pass  # a read-only or full data directory: no cache, just slower next time
     return x, y, classes
+
+
+def remove_stale_temps(path):
+    """Remove <path>.tmp<pid> files whose process has ended: saves a kill cut short. A live process's
+    file is left alone: two runs may build the same data cache at once."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = tmp.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and os.name != "nt":  # (on Windows, os.kill would end the process, not test it)
+            try:
+                os.kill(int(pid), 0)           # signal 0: only asks whether the process exists
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            except PermissionError:
+                pass                           # another user's live process
 
 
 def data_info(name, x, y, classes):
@@ -305,22 +383,24 @@ class EpochOrder:
 # ------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def claim_output(path, *pictures):
-    """`with claim_output(out, picture):` the body runs only if `out` can be written and no other run is
-    writing it. Checked before any work, so a wrong --out fails in a second, not after an epoch. The
-    lock is a file beside the artifact held with flock, which the OS releases when the process ends,
-    even on kill -9, so a crashed run never leaves it stuck. Temporary files that an interrupted save
-    of these paths left behind are removed."""
-    lock = lock_file(path)
+def claim_output(*paths):
+    """`with claim_output(out, picture):` the body runs only if every path can be written and no other
+    run is writing any of them. Checked before any work, so a wrong --out fails in a second, not after an
+    epoch. Each lock is a file beside its path held with flock, which the OS releases when the process
+    ends, even on kill -9, so a crashed run never leaves it stuck. Temporary files that an interrupted
+    save of these paths left behind are removed."""
+    locks = []
     try:
-        for p in (path, *pictures):
+        for p in paths:
+            locks.append((p, lock_file(p)))
             for tmp in glob.glob(glob.escape(p) + ".tmp*"):
                 os.remove(tmp)              # ours: the lock says no other run writes this path
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".lock")       # tidy; a run that opened it just before locks anew (below)
-        lock.close()
+        for p, lock in locks:
+            with contextlib.suppress(OSError):
+                os.remove(p + ".lock")      # tidy; a run that opened it just before locks anew (below)
+            lock.close()
 
 
 def lock_file(path):
@@ -331,6 +411,11 @@ def lock_file(path):
             os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
             lock = open(lock_path, "a")
         except OSError as e:
+            folder = os.path.dirname(os.path.abspath(lock_path))
+            while not os.path.exists(folder):
+                folder = os.path.dirname(folder)
+            if not os.path.isdir(folder):   # makedirs says "File exists" or "Not a directory"
+                fail(f"cannot write {path}: {folder} is a file, not a folder; pass an --out in a folder")
             fail(f"cannot write {path} ({e.strerror or e}); pass an --out in a folder you can write")
         try:
             if os.name == "nt":
@@ -352,8 +437,12 @@ def lock_file(path):
 
 
 def beside(path, suffix):
-    """runs/ddpm.pt, '_samples.png' -> runs/ddpm_samples.png: pictures go beside their artifact."""
-    return os.path.splitext(path)[0] + suffix
+    """runs/ddpm.pt, '_samples.png' -> runs/ddpm_samples.png: pictures go beside their artifact and are
+    named after it. Only a .pt artifact has pictures: `runs/ddpm` or `runs/ddpm.ckpt` would both name
+    runs/ddpm_samples.png, the picture of runs/ddpm.pt."""
+    if not path.endswith(".pt"):
+        fail(f"--out {path} must end in .pt (its pictures are named after it: runs/a.pt -> runs/a{suffix})")
+    return path[:-len(".pt")] + suffix
 
 
 def atomic_write(path, write):
@@ -365,9 +454,9 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)   # atomic on POSIX and Windows
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:   # torch.save raises RuntimeError when the disk fills up
         free = shutil.disk_usage(folder).free / 1e6
-        reason = (getattr(e, "strerror", None) or str(e).splitlines()[0])[:120]
+        reason = (e.strerror or str(e))[:120] if isinstance(e, OSError) else "the write stopped part-way"
         fail(f"could not write {path} ({reason}); {free:,.0f} MB are free on its disk, so it may be full: "
              f"free some space and run the same command again (--resume where the script has it); the "
              f"previous {path}, if there was one, is intact")
@@ -390,10 +479,28 @@ def load_artifact(path, keys, what, remedy):
     except Exception as e:
         fail(f"{path} is not a readable artifact ({type(e).__name__}); it may be truncated or from "
              f"another program: delete it and run {remedy} again")
-    if not isinstance(obj, dict) or not set(keys) <= obj.keys():
-        missing = sorted(set(keys) - obj.keys()) if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        fail(f"{path} is not {what} (it lacks {missing}); point the flag at the right file, or run {remedy}")
+    if not isinstance(obj, dict):
+        fail(f"{path} is a {type(obj).__name__}, not {what}; point the flag at the right file, or run {remedy}")
+    if not set(keys) <= obj.keys():
+        fail(f"{path} is not {what} (it lacks {sorted(set(keys) - obj.keys())}); point the flag at the right "
+             f"file, or run {remedy}")
     return obj
+
+
+def require_free_space(path, nbytes):
+    """Stop now, not at the first save an epoch later, if the disk of `path` cannot hold a file of about
+    nbytes: an atomic save writes the new file in full beside the old one before the rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if free < 1.1 * nbytes + 20e6:           # a margin for the file's own overhead and other writers
+        fail(f"{path} needs about {nbytes / 1e6:,.0f} MB, but only {free / 1e6:,.0f} MB are free on its disk; "
+             f"free some space, or pass an --out on another disk")
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def refuse_to_overwrite(path, how_to_continue):
@@ -531,21 +638,27 @@ class Progress:
     A training loop hands it its losses each step (`add(loss=...)`, summed on the device: no host sync)
     and asks for a line now and then (`line`): the mean of each loss since the last line, checked to be
     finite, as a run must not save a diverged model. Speed and time left are measured from `warmed_up()`
-    on, so a first step that compiles (a minute) does not distort them; the elapsed time includes it."""
+    on, so a first step that compiles (a minute) does not distort them; the elapsed time includes it.
+    While the first steps compile (warming=True), a line every `heartbeat` seconds says how long so far."""
 
     def __init__(self, total, done=0, unit="step", images_per_unit=1, flops_per_unit=None, peak=None,
-                 warming=False, on_nan="start a new run with a lower --lr"):
+                 warming=False, on_nan="start a new run with a lower --lr", heartbeat=15):
         self.total, self.start_done, self.unit = total, done, unit
         self.images_per_unit, self.flops_per_unit, self.peak = images_per_unit, flops_per_unit, peak
         self.t_start = self.t0 = self.last = time.perf_counter()
         self.warmup = "compiling" if warming else None     # until warmed_up(): no speed, no time left
         self.on_nan = on_nan                               # what to do when a loss is not finite
         self.names, self.sums, self.n = (), None, 0
+        self.compiled = threading.Event()
+        if warming:   # a thread of its own: the main thread is inside the compiler, for minutes on a CPU
+            threading.Thread(target=_heartbeat, args=(weakref.ref(self), self.compiled, heartbeat),
+                             daemon=True).start()
 
     def warmed_up(self, done, what="warm-up"):
         now = time.perf_counter()
         self.warmup = f"{what} {now - self.t_start:.0f}s"
         self.t0, self.start_done = now, done
+        self.compiled.set()
 
     def due(self, seconds=30):
         """True when no line was printed for `seconds` (the first one after 5 s): a slow run is never
@@ -584,6 +697,18 @@ class Progress:
         self.last = now
 
 
+def _heartbeat(progress_ref, compiled, every):
+    """`... still compiling, 1m15s so far` every `every` seconds until the compile is done (or the run
+    has ended: only a weak reference to its Progress is kept)."""
+    while not compiled.wait(every):
+        progress = progress_ref()
+        if progress is None:
+            return
+        print(f"  ... still compiling, {fmt_time(time.perf_counter() - progress.t_start)} so far", flush=True)
+        progress.last = time.perf_counter()
+        del progress
+
+
 # ------------------------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM: stop at a step boundary, where a checkpoint resumes exactly
 # ------------------------------------------------------------------------------------------------
@@ -592,12 +717,13 @@ class StopFlag:
     """`with StopFlag() as stop:` Ctrl-C (or SIGTERM) inside the block asks the loop to stop at the end
     of the current step instead of killing it mid-update (the loop reads stop.requested): a checkpoint
     written then is consistent, so --resume continues exactly. A second Ctrl-C quits at once. After the
-    block, Ctrl-C interrupts at once again."""
+    block, the handlers from before it are back (run_main's: one sentence, at once)."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGINT, self._handler)
-        signal.signal(signal.SIGTERM, self._handler)
+        self.before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in self.before:
+            signal.signal(sig, self._handler)
 
     def __enter__(self):
         return self
@@ -606,8 +732,8 @@ class StopFlag:
         self.release()
 
     def release(self):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig, handler in self.before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)   # None: not set from Python
 
     def _handler(self, signum, frame):
         if self.requested:

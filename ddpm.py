@@ -33,14 +33,17 @@ import argparse
 import math
 import sys
 
+# common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
+from common import (EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside,
+                    claim_output, command, compile_enabled, count_flops, data_info, fail, load_dataset,
+                    load_for_resume, peak_flops, pick_device, refuse_to_overwrite, require_free_space,
+                    require_same_data, resolve_settings, restore_training_state, run_main, save_grid,
+                    settings_adder, tensor_bytes, training_state, with_eager_fallback)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside,
-                    claim_output, command, compile_enabled, count_flops, data_info, fail, load_dataset,
-                    load_for_resume, peak_flops, pick_device, refuse_to_overwrite, require_same_data,
-                    resolve_settings, restore_training_state, run_main, save_grid, settings_adder, training_state)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. `standard` is the default; a preset changes some values; an explicit flag wins over both.
@@ -338,7 +341,7 @@ def make_train_step(model, ema, opt, scaler, abar, s, amp=None, compiled=False):
     def train_step(x_uint8, step):
         B, device = x_uint8.shape[0], x_uint8.device
         flip = torch.rand(B, 1, 1, 1, device=device) < 0.5
-        t = torch.randint(0, abar.numel(), (B,), device=device)            # t ~ Uniform({1..T})
+        t = torch.randint(0, abar.numel(), (B,), device=device)            # t ~ U{0..T-1}: the paper's 1..T
         eps = torch.randn(x_uint8.shape, device=device)                    # eps ~ N(0, I)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s)
@@ -445,7 +448,7 @@ def check_settings(s):
 def main(argv=None):
     args = parse_args(argv)
     s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
-    device = pick_device(args.device, args.preset)
+    device = pick_device(args.device, None if args.resume else args.preset)   # resumed: its own settings
     ckpt = None
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
         ckpt, s = load_for_resume(args.out, "ema", explicit, FREE_ON_RESUME,
@@ -462,6 +465,11 @@ def main(argv=None):
         abar = make_schedule(s["T"], s["beta_1"], s["beta_T"]).to(device)
         compiled = compile_enabled(args.compile, device)
         train_step = make_train_step(model, ema, opt, scaler, abar, s, amp, compiled)
+        if compiled:          # a compile or CUDA-graph failure on this GPU: one sentence, then eager
+            train_step = with_eager_fallback(train_step, lambda: make_train_step(model, ema, opt, scaler, abar, s, amp),
+                                             "training step", device)
+        # model, EMA, Adam's two moments: about 4 copies of the weights in each checkpoint
+        require_free_space(args.out, 2 * tensor_bytes(model.state_dict().values()) + 2 * tensor_bytes(model.parameters()))
         progress = Progress(s["steps"], step, "step", s["batch_size"],
                             flops_per_image(model, s, device) * s["batch_size"], peak_flops(device),
                             warming=compiled, on_nan=f"the last good checkpoint {args.out} "
@@ -473,7 +481,8 @@ def main(argv=None):
                              **training_state(opt, scaler, device)), args.out)
 
         if compiled:
-            print("compiling the training step (the first steps take about a minute)...", flush=True)
+            print(f"compiling the training step (the first steps take "
+                  f"{'about a minute' if device.type == 'cuda' else 'minutes on a CPU'})...", flush=True)
         model.train()
         step = train(train_step, x_train.to(device), s, step, progress, save, stop)   # uint8: 150 MB for CIFAR-10
         if stop.requested:

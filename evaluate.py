@@ -43,12 +43,14 @@ import os
 import sys
 import time
 
+# common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
+from common import (Progress, add_run_flags, atomic_write, autocast_dtype, claim_output, command, data_info, fail,
+                    load_artifact, load_dataset, pick_device, resolve_settings, run_main, settings_adder)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Progress, add_run_flags, atomic_write, autocast_dtype, claim_output, command, data_info, fail,
-                    load_artifact, load_dataset, pick_device, resolve_settings, run_main, settings_adder)
 # Stage 3's method, written once in clsp.py: the ResNet-18, its augmentation and normalisation, and the kNN vote.
 from clsp import augment, channel_stats, features, knn_predict, make_backbone
 
@@ -271,7 +273,7 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
         return None, None, "diagnostics of the synthetic positives off"
     if not os.path.exists(args.synthetic):
         return None, None, (f"no {args.synthetic}, so no diagnostics of the synthetic positives "
-                            f"(`python generate.py` makes it)")
+                            f"({command('generate.py', args)} makes it)")
     if transfer:
         return None, None, ("transfer: the synthetic positives belong to the backbone's own data set, "
                             "so no diagnostics")
@@ -284,10 +286,11 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
     if ckpt["settings"].get("lam") == 0 and args.judge is None:
         return syn, (args.checkpoint, ckpt), None
     path = args.judge or os.path.join(os.path.dirname(args.checkpoint), "clsp_lam0.pt")
+    make_judge = command("clsp.py", args, "--lam", "0", "--out", path)   # the SimCLR baseline
     if path.lower() == "none" or (args.judge is None and not os.path.exists(path)):
         return syn, None, (f"no independent judge ({path}): the candidates' kNN labels are read in this "
-                           f"backbone's own space; `python clsp.py --lam 0 --out {path}` makes one")
-    judge = load_artifact(path, CHECKPOINT_KEYS, "a clsp.py checkpoint", command("clsp.py", args))
+                           f"backbone's own space; {make_judge} makes one")
+    judge = load_artifact(path, CHECKPOINT_KEYS, "a clsp.py checkpoint", make_judge)
     if (judge["settings"].get("lam") != 0 or judge["data"] != info) and args.judge is None:
         return syn, None, (f"{path} is no independent judge here (lam {judge['settings'].get('lam')}, or other "
                            f"data): the candidates' kNN labels are read in this backbone's own space")

@@ -47,12 +47,14 @@ import shutil
 import sys
 import time
 
+# common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
+from common import (Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside, claim_output, command,
+                    compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset, part_path,
+                    peak_flops, pick_device, refuse_to_overwrite, require_free_space, require_same_data,
+                    resolve_settings, resume_parts, run_main, save_grid, settings_adder, with_eager_fallback)
+
 import torch
 
-from common import (Progress, StopFlag, part_path, resume_parts, add_run_flags, atomic_save, autocast_dtype, beside, claim_output, command,
-                    compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset, peak_flops,
-                    pick_device, refuse_to_overwrite, require_same_data, resolve_settings, run_main, save_grid,
-                    settings_adder)
 from ddpm import build_unet, ddim_step, ddim_timesteps, make_schedule, q_sample, to_uint8   # stage 1's method
 
 # ------------------------------------------------------------------------------------------------
@@ -167,8 +169,11 @@ def main(argv=None):
     preview = args.preview or beside(args.out, "_preview.png")
     sweep_png = args.sweep or beside(args.out, "_w_sweep.png")
 
-    with claim_output(args.out, preview, sweep_png):          # no other run writes these until this one ends
+    # No other run writes these files until this one ends; Ctrl-C or SIGTERM stops after the current batch.
+    with claim_output(args.out, preview, sweep_png), StopFlag() as stop:
         refuse_to_overwrite(args.out, f"it is ready for {command('clsp.py', args)}")
+        # the finished batches and the final file, both on disk before the batches are deleted
+        require_free_space(args.out, 2 * x_train[:1].numel() * x_train.shape[0] * s["K"])
         sampler, compiled = make_sampler(ckpt, s, args, device)
         K, N = s["K"], s["num_anchors"]
         print(f"{N} anchors x K = {K} candidates, S = {s['S']} DDIM steps, w = {s['w']}, eta = {s['eta']}; "
@@ -179,14 +184,18 @@ def main(argv=None):
         manifest = dict(settings={**{k: v for k, v in s.items() if k not in ("data_dir", "preview_anchors")},
                                   "autocast": str(sampler.amp or "fp32"), "compile": compiled},   # other pixels
                         data=info, ddpm=dict(step=ckpt["step"], fingerprint=weights_fingerprint(ckpt["ema"])))
-        images, timing = make_all(sampler, x_train, s, parts, manifest, compiled)
+        images, timing = make_all(sampler, x_train, s, parts, manifest, compiled, stop)
 
         # The w sweep: anchors spread over the data set (a folder sorted by class shows several classes),
         # as many as one batch holds, sampled once per w with the same random streams (batch index -1),
         # so only w changes from column to column.
         idx = torch.linspace(0, N - 1, min(sampler.rows, N)).round().long()
-        real = x_train[idx].cpu()
-        sweep = [sampler.candidates(x_train[idx], 1, w, -1)[:, 0] for w in SWEEP_W]
+        real, sweep = x_train[idx].cpu(), []
+        for w in SWEEP_W:
+            sweep.append(sampler.candidates(x_train[idx], 1, w, -1)[:, 0])
+            if stop.requested:
+                fail(f"interrupted after all {N} anchors were done; they are kept in {parts}: rerun the same "
+                     f"command to finish (only the w sweep, the pictures and the final file are left)")
         show = torch.linspace(0, len(idx) - 1, min(s["preview_anchors"], len(idx))).round().long()
         save_grid(torch.cat([real[show, None], images[idx[show]]], 1).flatten(0, 1), preview, nrow=1 + K,
                   labels=["anchor"] + [f"k={k}" for k in range(K)])
@@ -202,7 +211,7 @@ def main(argv=None):
           flush=True)
 
 
-def make_all(sampler, x_train, s, parts, manifest, compiled):
+def make_all(sampler, x_train, s, parts, manifest, compiled, stop):
     """All candidates, batch b making those of anchors b*A .. b*A+A-1 from its own random streams.
     Finished batches are kept in `parts` beside a manifest of what made them; only a run with the same
     manifest may use them, so one candidate set never mixes two settings or two DDPMs. Ctrl-C (or
@@ -219,21 +228,20 @@ def make_all(sampler, x_train, s, parts, manifest, compiled):
     t_start = t0 = time.perf_counter()
     made = 0
     try:
-        with StopFlag() as stop:
-            for b in range(n_batches):
-                if b in chunks:
-                    continue
-                chunks[b] = sampler.candidates(x_train[b * A:(b + 1) * A], K, s["w"], b)
-                atomic_save({"images": chunks[b]}, part_path(parts, b))   # the .cpu() in it waited for the GPU
-                done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
-                if progress.warmup == "compiling":
-                    progress.warmed_up(done, "compile")
-                    t0, made = time.perf_counter(), 0   # images/s: after the compile
-                if progress.due(10) or done == N:       # a line every ~10 s
-                    progress.line(done, batch=f"{b + 1}/{n_batches}")
-                if stop.requested and done < N:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
+        for b in range(n_batches):
+            if b in chunks:
+                continue
+            chunks[b] = sampler.candidates(x_train[b * A:(b + 1) * A], K, s["w"], b)
+            atomic_save({"images": chunks[b]}, part_path(parts, b))   # the .cpu() in it waited for the GPU
+            done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
+            if progress.warmup == "compiling":
+                progress.warmed_up(done, "compile")
+                t0, made = time.perf_counter(), 0   # images/s: after the compile
+            if progress.due(10) or done == N:       # a line every ~10 s
+                progress.line(done, batch=f"{b + 1}/{n_batches}")
+            if stop.requested and done < N:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:                       # that stop, or a second Ctrl-C within a batch
         fail(f"interrupted with {done}/{N} anchors done; the finished batches are kept in {parts}: "
              f"rerun the same command to resume")
     except torch.cuda.OutOfMemoryError:
@@ -362,7 +370,10 @@ def make_sampler(ckpt, s, args, device):
     # inductor fuses. At this batch size the GPU, not the kernel launches, is the limit, so no CUDA
     # graphs ("reduce-overhead") here.
     compiled = compile_enabled(args.compile, device)
-    eps_fn = torch.compile(interpolated_eps) if compiled else interpolated_eps
+    eps_fn = interpolated_eps
+    if compiled:              # a compile failure on this GPU: one sentence, then eager
+        eps_fn = with_eager_fallback(torch.compile(interpolated_eps), lambda: interpolated_eps,
+                                     "sampler's model call", device)
     rows = max(1, s["batch_size"] // s["K"]) * s["K"]     # whole anchors per batch, each repeated K times
     return Sampler(unet, abar, s["S"], s["eta"], s["seed"], rows, amp, eps_fn), compiled
 
