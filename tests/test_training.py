@@ -1,0 +1,446 @@
+"""The training steps against independent references written from the recipe, not from the code.
+
+The other test files check the training steps against themselves (compiled against eager, resumed against
+uninterrupted), so a mistake made on both sides passes them. Here each step runs on a stand-in network
+small enough that the recipe can be written out by hand in float64: Ho et al.'s Algorithm 1 with Adam,
+clipping and the EMA (ddpm.make_train_step); SimCLR's NT-Xent plus the CLSP term with SGD, momentum and
+weight decay (clsp.make_train_step); both learning-rate schedules; and the authors' linear probe
+(evaluate.linear_probe). The references share only the random draws with the code: they reseed torch and
+draw in the order the step draws (read from the code), and the augmentation itself, which has its own test
+against torchvision in test_clsp.py, is applied with clsp's functions.
+
+Each test's docstring names the bug it was written to catch. Everything is tiny and runs on the CPU.
+"""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import clsp
+import ddpm
+import evaluate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tensors here are tiny: one OpenMP thread is faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def no_scaler():
+    return torch.amp.GradScaler("cpu", enabled=False)      # fp32 on the CPU: the scaler does nothing
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1: one step of Algorithm 1 (Ho et al.) with Adam, clipping and the EMA
+# ------------------------------------------------------------------------------------------------
+
+ABAR64 = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))   # abar_t = prod_{s<=t} (1 - beta_s)
+
+
+class StandIn(nn.Module):
+    """eps_theta(x_t, t) = a 1x1 convolution of x_t (a 3x3 matrix and a bias): cheap to write out by hand.
+    It records every (x_t, t) it is called with, so the test sees what the step fed the network."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(7)
+            self.conv.weight.copy_(0.5 * torch.randn(3, 3, 1, 1, generator=g))
+            self.conv.bias.copy_(0.2 * torch.randn(3, generator=g))
+        self.seen = []
+
+    def forward(self, x_t, t):
+        self.seen.append((x_t.detach().clone(), t.detach().clone()))
+        return self.conv(x_t)
+
+
+def ddpm_step_parts(lr=0.05, warmup=8, grad_clip=0.05, ema_decay=0.5):
+    """The stand-in, its EMA copy, Adam and make_train_step's settings."""
+    model = StandIn()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)        # Adam's defaults: betas (0.9, 0.999), eps 1e-8
+    s = dict(lr=lr, warmup=warmup, grad_clip=grad_clip, ema_decay=ema_decay)
+    return model, ema, opt, s
+
+
+def ddpm_reference(x_uint8, weights, steps, s, seed, clip=True):
+    """Algorithm 1 written out in float64 for the stand-in, one entry per step in `steps` (the step index
+    passed to train_step). Draws, from torch's global RNG reseeded with `seed`, in the step's order: the
+    flip mask, t, eps. Returns what each step should feed the network, its loss, its (clipped) gradient,
+    and the weights and EMA after it."""
+    torch.manual_seed(seed)
+    W, b = (w.detach().double().clone() for w in weights)     # [3, 3, 1, 1], [3]
+    ema = [W.clone(), b.clone()]
+    m, v = [torch.zeros_like(W), torch.zeros_like(b)], [torch.zeros_like(W), torch.zeros_like(b)]
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
+    out = []
+    for n, k in enumerate(steps, start=1):
+        B = x_uint8.shape[0]
+        flip = torch.rand(B, 1, 1, 1) < 0.5                   # per image, p 0.5
+        t = torch.randint(0, 1000, (B,))                      # t ~ U{0..T-1}: every index of abar
+        eps = torch.randn(x_uint8.shape).double()             # eps ~ N(0, I)
+        x0 = x_uint8.double() / 127.5 - 1                     # [0, 255] -> [-1, 1]
+        x0 = torch.where(flip, x0.flip(3), x0)                # horizontal: the width axis of NCHW
+        a = torch.from_numpy(ABAR64)[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        Wg, bg = W.clone().requires_grad_(), b.clone().requires_grad_()
+        pred = torch.einsum("oc,bchw->bohw", Wg[:, :, 0, 0], x_t) + bg.view(1, 3, 1, 1)
+        loss = ((eps - pred) ** 2).mean()
+        grads = torch.autograd.grad(loss, [Wg, bg])
+        loss = loss.detach()
+        norm = math.sqrt(sum(float((g ** 2).sum()) for g in grads))
+        if clip:                                              # clip to global norm grad_clip
+            grads = [g * min(1.0, s["grad_clip"] / (norm + 1e-6)) for g in grads]
+        lr = s["lr"] * min(1.0, (k + 1) / s["warmup"])        # linear warm-up, then flat
+        new = []
+        for i, (p, g) in enumerate(zip((W, b), grads)):       # Adam (Kingma & Ba, Algorithm 1)
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g ** 2
+            m_hat, v_hat = m[i] / (1 - beta1 ** n), v[i] / (1 - beta2 ** n)
+            new.append(p - lr * m_hat / (v_hat.sqrt() + adam_eps))
+        W, b = new
+        decay = min(s["ema_decay"], (1 + k) / (10 + k))
+        ema = [decay * e + (1 - decay) * p for e, p in zip(ema, (W, b))]
+        out.append(dict(t=t, x_t=x_t, loss=loss.item(), norm=norm, grads=grads, weights=[W, b], ema=ema))
+    return out
+
+
+def test_ddpm_step_equals_algorithm_1_with_adam_clipping_and_ema():
+    """Three steps of ddpm.make_train_step on the stand-in against ddpm_reference: what the network is fed
+    (x_t from the horizontally flipped image, t), the loss, the clipped gradient, the weights after Adam at
+    the warm-up learning rate, and the EMA. The step indices 0, 3, 12 with warm-up 8 and ema_decay 0.5
+    visit the warm-up (lr/8, lr/2), the flat part (lr), the EMA ramp (0.1, 4/13) and its cap (0.5).
+
+    Catches: the flip along the wrong axis (bug 3), t from [0, T-1) (bug 1: other draws), the EMA's two
+    weights swapped (bug 2), a wrong EMA ramp, a warm-up off by one, missing or wrong clipping, a wrong
+    x0 scaling, a wrong loss."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (8, 3, 4, 6), dtype=torch.uint8, generator=g)   # H != W: the two flips differ
+    model, ema, opt, s = ddpm_step_parts()
+    steps = [0, 3, 12]
+    w0 = [p.detach().clone() for p in model.parameters()]
+    ref = ddpm_reference(x, w0, steps, s, seed=5)
+    # The settings are chosen so that every piece of the recipe changes the numbers:
+    assert all(r["norm"] > 2 * s["grad_clip"] for r in ref)             # clipping bites at every step
+    assert ref[0]["x_t"].shape == x.shape
+
+    train_step = ddpm.make_train_step(model, ema, opt, no_scaler(), ddpm.make_schedule(), s)
+    torch.manual_seed(5)
+    for k, r in zip(steps, ref):
+        loss = train_step(x, k)
+        x_t, t = model.seen[-1]
+        assert torch.equal(t, r["t"]), k
+        np.testing.assert_allclose(x_t.double().numpy(), r["x_t"].numpy(), rtol=0, atol=2e-6, err_msg=f"x_t {k}")
+        assert loss.item() == pytest.approx(r["loss"], rel=1e-5), k
+        for p, g_ref in zip(model.parameters(), r["grads"]):           # the clipped gradient Adam used
+            np.testing.assert_allclose(p.grad.double().numpy(), g_ref.numpy(), rtol=1e-4, atol=1e-8,
+                                       err_msg=f"gradient {k}")
+        for p, w_ref in zip(model.parameters(), r["weights"]):
+            np.testing.assert_allclose(p.detach().double().numpy(), w_ref.numpy(), rtol=0, atol=2e-6,
+                                       err_msg=f"weights {k}")
+        for p, e_ref in zip(ema.parameters(), r["ema"]):
+            np.testing.assert_allclose(p.double().numpy(), e_ref.numpy(), rtol=0, atol=2e-6, err_msg=f"EMA {k}")
+
+    # And the reference itself would tell a step that skipped the clipping apart (by far more than the
+    # tolerances above): after one step Adam's update is ~ lr * sign(g) whatever the scale, but from the
+    # second step on the ratio of the gradients' sizes shows.
+    unclipped = ddpm_reference(x, w0, steps, s, seed=5, clip=False)
+    assert (unclipped[-1]["weights"][0] - ref[-1]["weights"][0]).abs().max() > 1e-4
+
+
+def test_ddpm_step_draws_every_timestep_and_flips_half_the_images():
+    """One step on 20,000 images of 1x2 pixels: every t in 0..999 is possible, t = 999 (the noisiest, the
+    step sampling starts from) included; the chance that a value of t is missed by 20,000 uniform draws is
+    1000 * e^-20. And the flip is drawn with p 0.5: on images whose two columns differ, the share of
+    flipped images in x_t is ~1/2.
+
+    Catches: t drawn from [0, T-1) (bug 1), t from 1..T (an index past abar), a flip probability other
+    than 0.5 or no flip at all."""
+    B = 20_000
+    x = torch.zeros(B, 3, 1, 2, dtype=torch.uint8)
+    x[..., 1] = 255                                            # left column -1, right column +1 in [-1, 1]
+    model, ema, opt, s = ddpm_step_parts()
+    train_step = ddpm.make_train_step(model, ema, opt, no_scaler(), ddpm.make_schedule(), s)
+    torch.manual_seed(0)
+    train_step(x, 0)
+    x_t, t = model.seen[-1]
+    assert t.min() == 0 and t.max() == 999                     # both ends of U{0..999}
+    assert torch.unique(t).numel() == 1000                     # and everything in between
+    assert abs(t.double().mean() - 499.5) < 10                 # uniform: the mean's std. error is ~2
+    # Where t is small, x_t is x0 plus a little noise: its left column tells a flipped image.
+    # (abar > 0.9: the columns differ by 1.9, the noise of the difference has std 0.45, so 4 sigma.)
+    clean = ABAR64[t.numpy()] > 0.9
+    flipped = (x_t[:, 0, 0, 0] > x_t[:, 0, 0, 1]).numpy()[clean]
+    assert clean.sum() > 2000 and abs(flipped.mean() - 0.5) < 0.05
+
+
+def test_ddpm_lr_is_a_linear_warm_up_then_flat():
+    """ddpm.lr_at(k) = lr * min(1, (k + 1) / warmup): lr / warmup at step 0, lr from step warmup - 1 on.
+
+    Catches: a warm-up off by one (0 at step 0, or lr reached a step late), no warm-up, a decay after it."""
+    s = dict(lr=2e-4, warmup=100)
+    for k, want in [(0, 2e-6), (1, 4e-6), (49, 1e-4), (98, 1.98e-4), (99, 2e-4), (100, 2e-4), (10 ** 6, 2e-4)]:
+        assert ddpm.lr_at(k, s) == pytest.approx(want, rel=1e-12), k
+    assert ddpm.lr_at(0, dict(lr=2e-4, warmup=0)) == pytest.approx(2e-4)   # no warm-up: flat from the start
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 3: one SGD step of NT-Xent + lam * the CLSP term
+# ------------------------------------------------------------------------------------------------
+
+def nt_xent64(z1, z2, tau):
+    """NT-Xent (SimCLR eq. 1), from the paper: for each of the 2B embeddings, the cross-entropy of its
+    positive (the other view of its image) against all 2B - 1 others, on cosine similarities / tau."""
+    B = z1.shape[0]
+    z = torch.cat([z1, z2])
+    z = z / z.norm(dim=1, keepdim=True)                       # cosine similarity
+    sim = z @ z.T / tau
+    sim = sim.masked_fill(torch.eye(2 * B, dtype=torch.bool), -math.inf)   # k != i
+    pos = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)])
+    return (torch.logsumexp(sim, dim=1) - sim[torch.arange(2 * B), pos]).mean()
+
+
+def clsp_term64(z1, z3):
+    """mean_i || z1_i - z3_i ||^2."""
+    return ((z1 - z3) ** 2).sum(dim=1).mean()
+
+
+def unit64(n, d, seed):
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return z / z.norm(dim=1, keepdim=True)
+
+
+def test_total_loss_gradient_reaches_all_three_embeddings():
+    """The gradient of clsp.total_loss: d/dz3 is the analytic 2 lam (z3 - z1) / B (the CLSP term only; z3
+    is never a negative), d/dz1 is NT-Xent's plus 2 lam (z1 - z3) / B, d/dz2 is NT-Xent's alone
+    (NT-Xent's from autograd on nt_xent64 above).
+
+    Catches: a stop-gradient on the candidate (bug 4) in clsp_loss or total_loss, one on the anchor,
+    a wrong factor of the CLSP term, z3 among NT-Xent's negatives."""
+    B, lam, tau = 6, 0.7, 0.2
+    z1, z2, z3 = (unit64(B, 5, seed).requires_grad_() for seed in (0, 1, 2))
+    L, _, _ = clsp.total_loss(z1, z2, z3, lam, tau)
+    L.backward()
+    with torch.no_grad():
+        pull = 2 * lam * (z3 - z1) / B
+    g1, g2 = torch.autograd.grad(nt_xent64(z1, z2, tau), [z1, z2])
+    assert z3.grad is not None, "no gradient reaches z3"
+    torch.testing.assert_close(z3.grad, pull, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(z1.grad, g1 - pull, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(z2.grad, g2, rtol=1e-10, atol=1e-12)
+    assert pull.abs().max() > 0.05                                # the term is not negligible here
+
+
+H = W = 8                                                        # image size of the CLSP step tests
+D_OUT = 16                                                       # embedding size of the tiny net
+
+
+def tiny_net():
+    """views -> Flatten -> Linear(3HW, 16) -> BatchNorm1d(16): one matrix to write out by hand, and a
+    BatchNorm, whose batch statistics show whether v1, v2 and s went through the net in one pass."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * H * W, D_OUT), nn.BatchNorm1d(D_OUT))
+
+
+def clsp_reference(net, x, s_img, mean, std, lrs, lam, tau, momentum, wd, seed, detach_z3=False):
+    """The CLSP recipe in float64 for tiny_net, one entry per learning rate in lrs: views [v1; v2; s] from
+    one draw of sample_augment_params(3B) (torch's global RNG, reseeded with `seed`) applied with
+    apply_augment; z = normalize(BN(Linear(views))) over all 3B views at once; L = NT-Xent(z1, z2) +
+    lam * mean ||z1 - z3||^2 with gradients into z1, z2 and z3; SGD with momentum and weight decay
+    (PyTorch's form: g += wd p; buf = momentum buf + g, buf = g at the first step; p -= lr buf).
+    detach_z3=True gives the wrong recipe with a stop-gradient on z3, only to show the test can see it."""
+    torch.manual_seed(seed)
+    params = [p.detach().double().clone() for p in net.parameters()]   # Linear W, b; BN gamma, beta
+    bufs = [None] * len(params)
+    out = []
+    for lr in lrs:
+        raw = torch.cat([x, x] + ([s_img] if s_img is not None else []))
+        p = clsp.sample_augment_params(raw.shape[0], H, W, "cpu")
+        views = clsp.apply_augment(raw, p, H, mean, std).double().flatten(1)
+        leaf = [q.clone().requires_grad_() for q in params]
+        Wl, bl, gamma, beta = leaf
+        h = views @ Wl.T + bl
+        mu, var = h.mean(0), h.var(0, unbiased=False)         # BatchNorm's batch statistics, all views
+        h = (h - mu) / (var + 1e-5).sqrt() * gamma + beta
+        z = h / h.norm(dim=1, keepdim=True)
+        B = x.shape[0]
+        z1, z2 = z[:B], z[B:2 * B]
+        l_simclr = nt_xent64(z1, z2, tau)
+        z3 = z[2 * B:].detach() if detach_z3 else z[2 * B:]
+        l_clsp = clsp_term64(z1, z3) if s_img is not None else torch.zeros((), dtype=torch.float64)
+        grads = torch.autograd.grad(l_simclr + lam * l_clsp, leaf)
+        l_simclr, l_clsp = l_simclr.detach(), l_clsp.detach()
+        for i, (q, g) in enumerate(zip(params, grads)):
+            g = g + wd * q
+            bufs[i] = g.clone() if bufs[i] is None else momentum * bufs[i] + g
+            params[i] = q - lr * bufs[i]
+        out.append(dict(L_simclr=l_simclr.item(), L_clsp=l_clsp.item(), params=[q.clone() for q in params]))
+    return out
+
+
+@pytest.mark.parametrize("lam", [0.7, 0.0])
+def test_clsp_step_equals_the_recipe(lam):
+    """Two steps of clsp.make_train_step on tiny_net against clsp_reference: both losses and all weights
+    after each SGD step. Two steps, so the momentum buffer is used; weight decay 0.05, so it shows; lam
+    0.7 with candidates, and lam 0 without (plain SimCLR: two views, no s).
+
+    Catches: a stop-gradient on the candidate's embedding (bug 4: z3.detach() in the step), the views not
+    normalised together (one BatchNorm pass per view), a missing momentum or weight decay, the learning
+    rate not applied as given, a wrong temperature or lam, z3 among the negatives."""
+    B, tau, momentum, wd = 6, 0.2, 0.9, 0.05
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g)
+    s_img = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g) if lam else None
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    lrs = [0.3, 0.2]
+
+    net = tiny_net()
+    ref = clsp_reference(net, x, s_img, mean, std, lrs, lam, tau, momentum, wd, seed=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=momentum, weight_decay=wd)
+    train_step = clsp.make_train_step(net, opt, no_scaler(), dict(lam=lam, tau=tau), mean, std)
+    torch.manual_seed(4)
+    for i, (lr, r) in enumerate(zip(lrs, ref)):
+        losses = train_step(x, s_img, lr)
+        assert losses["L_simclr"].item() == pytest.approx(r["L_simclr"], rel=1e-5), i
+        if lam:
+            assert losses["L_clsp"].item() == pytest.approx(r["L_clsp"], rel=1e-5), i
+        else:
+            assert "L_clsp" not in losses
+        for name, p, q in zip(("W", "b", "gamma", "beta"), net.parameters(), r["params"]):
+            np.testing.assert_allclose(p.detach().double().numpy(), q.numpy(), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name} after step {i}")
+
+    if lam:
+        # The reference tells the bug it is meant to catch apart: with z3 detached the weights end elsewhere.
+        wrong = clsp_reference(tiny_net(), x, s_img, mean, std, lrs, lam, tau, momentum, wd, seed=4, detach_z3=True)
+        assert (wrong[-1]["params"][0] - ref[-1]["params"][0]).abs().max() > 1e-3
+
+
+def clsp_lr64(k, lr, batch_size, warmup_epochs, epochs, steps_per_epoch):
+    """The authors' schedule: peak lr * B / 1024 (linear scaling), linear warm-up, cosine to 0."""
+    peak = lr * batch_size / 1024
+    warm, total = warmup_epochs * steps_per_epoch, epochs * steps_per_epoch
+    if k < warm:
+        return peak * (k + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm)))
+
+
+@pytest.mark.parametrize("batch_size,peak", [(1024, 0.5), (256, 0.125)])
+def test_clsp_lr_warms_up_to_the_scaled_peak_then_falls_as_a_cosine_to_zero(batch_size, peak):
+    """clsp.lr_at at the points that matter, 10 epochs of 5 steps with 2 warm-up epochs (warm-up: steps
+    0..9, cosine: 10..49): lr 0.5 is the rate at batch 1024, so batch 256 peaks at 0.125.
+
+    Catches: the learning rate not scaled by batch / 1024 (bug 5), a warm-up off by one, a cosine that
+    starts late, stops short of 0 or runs over the whole run instead of after the warm-up."""
+    s = dict(lr=0.5, batch_size=batch_size, warmup_epochs=2, epochs=10)
+    spe = 5
+    want = {0: peak / 10, 4: peak / 2, 9: peak, 10: peak, 30: peak / 2,      # mid-cosine: half the peak
+            49: peak * 0.5 * (1 + math.cos(math.pi * 39 / 40)), 50: 0.0}   # the last step; the end: 0
+    for k, v in want.items():
+        assert clsp.lr_at(k, s, spe) == pytest.approx(v, rel=1e-12, abs=1e-15), k
+        assert v == pytest.approx(clsp_lr64(k, 0.5, batch_size, 2, 10, spe), abs=1e-15)
+    for k in range(50):
+        assert clsp.lr_at(k, s, spe) == pytest.approx(clsp_lr64(k, 0.5, batch_size, 2, 10, spe), rel=1e-12), k
+    assert 0 < clsp.lr_at(49, s, spe) < 0.01 * peak               # the last step is nearly at 0
+    s0 = dict(s, warmup_epochs=0)                                   # no warm-up: the cosine from step 0
+    assert clsp.lr_at(0, s0, spe) == pytest.approx(peak) and clsp.lr_at(25, s0, spe) == pytest.approx(peak / 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 4: the linear probe (authors' protocol)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("epochs,first,second", [(100, 60, 80), (10, 6, 8), (5, 3, 4)])
+def test_probe_lr_drops_tenfold_after_60_and_80_percent(epochs, first, second):
+    """evaluate.probe_lr: epochs 1..60 lr, 61..80 lr / 10, 81..100 lr / 100 (and the same fractions of
+    another number of epochs).
+
+    Catches: the drops removed (bug 6), a drop one epoch early or late, a drop of the wrong size."""
+    for lr in (1.0, 0.4):
+        for epoch in range(1, epochs + 1):
+            want = lr if epoch <= first else lr / 10 if epoch <= second else lr / 100
+            assert evaluate.probe_lr(epoch, epochs, lr) == pytest.approx(want, rel=1e-12), (epoch, epochs)
+
+
+def probe_reference(w0, b0, f_train, f_flip, y_train, epochs, batch_size, lr, seed, drops=True):
+    """The authors' linear evaluation in float64: plain SGD (no momentum, no weight decay) on the
+    softmax cross-entropy with its analytic gradient; each epoch every training feature replaced by its
+    mirror image with p 0.5, then a random order, the last partial batch kept; lr x0.1 after 60% and after
+    80% of the epochs. The flips and orders come from torch.Generator(seed), drawn as linear_probe draws
+    them (flip mask, then permutation, each epoch). Returns the final W, b and the last epoch's mean loss."""
+    Wt, b = w0.double().clone(), b0.double().clone()
+    g = torch.Generator().manual_seed(seed)
+    N, C = f_train.shape[0], Wt.shape[0]
+    first, second = round(0.6 * epochs), round(0.8 * epochs)
+    onehot = torch.eye(C, dtype=torch.float64)[y_train]
+    for epoch in range(1, epochs + 1):
+        lr_e = lr if not drops or epoch <= first else lr / 10 if epoch <= second else lr / 100
+        flip = torch.rand(N, 1, generator=g) < 0.5
+        f = torch.where(flip, f_flip, f_train).double()
+        perm = torch.randperm(N, generator=g)
+        loss_sum = 0.0
+        for i in range(0, N, batch_size):
+            idx = perm[i:i + batch_size]
+            X, Y = f[idx], onehot[idx]
+            logits = X @ Wt.T + b
+            logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+            loss_sum += float(-(Y * logp).sum())              # the batch's mean loss times its size
+            d = (logp.exp() - Y) / len(idx)                   # d(mean CE)/d logits
+            Wt, b = Wt - lr_e * d.T @ X, b - lr_e * d.sum(0)
+    return Wt, b, loss_sum / N
+
+
+def test_linear_probe_equals_the_protocol(monkeypatch):
+    """evaluate.linear_probe on 200 noisy 64-d training points (4 overlapping classes, so the weights keep
+    moving at lr 1.0 and the step size matters to the end), 10 epochs at batch 32 (six full batches and
+    one of 8 per epoch): the probe's final weights, the last epoch's loss and the test top-1 equal
+    probe_reference's. The probe is caught as it is made (torch.nn.Linear replaced by a subclass that
+    remembers its instance and initial weights).
+
+    Catches: the learning-rate drops removed (bug 6) or misplaced, momentum or weight decay added, the
+    last partial batch dropped, the flips not drawn (or drawn with another p), a wrong order of draws."""
+    made = []
+
+    class RecordingLinear(nn.Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.initial = (self.weight.detach().clone(), self.bias.detach().clone())
+            made.append(self)
+
+    g = torch.Generator().manual_seed(0)
+    D, C, N = 64, 4, 200
+    centres = 0.04 * torch.randn(C, D, generator=g)
+    y_train, y_test = torch.randint(0, C, (N,), generator=g), torch.randint(0, C, (300,), generator=g)
+    f_train = centres[y_train] + 0.15 * torch.randn(N, D, generator=g)     # |f| ~ 1: lr 1.0 is stable
+    f_flip = f_train + 0.05 * torch.randn(N, D, generator=g)               # the mirror images: close by
+    f_test = centres[y_test] + 0.15 * torch.randn(300, D, generator=g)
+
+    monkeypatch.setattr(torch.nn, "Linear", RecordingLinear)
+    top1, last_loss = evaluate.linear_probe(f_train, f_flip, y_train, f_test, y_test, C, epochs=10, batch_size=32,
+                                            lr=1.0, seed=3, log_every=1000)
+    monkeypatch.undo()
+    assert len(made) == 1, "linear_probe made no nn.Linear (or several): the test cannot see its weights"
+    probe = made[0]
+    W_ref, b_ref, loss_ref = probe_reference(*probe.initial, f_train, f_flip, y_train, 10, 32, 1.0, seed=3)
+
+    np.testing.assert_allclose(probe.weight.detach().double().numpy(), W_ref.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probe.bias.detach().double().numpy(), b_ref.numpy(), rtol=0, atol=1e-5)
+    assert last_loss == pytest.approx(loss_ref, rel=1e-5)
+    logits = f_test.double() @ W_ref.T + b_ref
+    top2 = logits.topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-4                          # no test point on a boundary
+    assert top1 == pytest.approx(100 * (logits.argmax(1) == y_test).double().mean().item(), abs=1e-4)
+    assert 40 < top1 < 95                                                  # learnt something, not everything
+
+    # Without the drops the reference ends far from the probe: the comparison above can see bug 6.
+    W_flat, _, loss_flat = probe_reference(*probe.initial, f_train, f_flip, y_train, 10, 32, 1.0, seed=3, drops=False)
+    assert (W_flat - W_ref).abs().max() > 1e-2 and abs(loss_flat - loss_ref) > 1e-3
