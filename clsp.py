@@ -9,26 +9,38 @@ anchor's semantics but a different background, pose and colour. The loss is
 
 where z1, z2 are the embeddings of two augmented views of real image i, z3 that of an augmented
 synthetic candidate s_i = synthetic[i, k], k ~ Uniform{0..K-1} drawn afresh every time i is drawn.
-`--lam 0` is plain SimCLR, the baseline every CLSP number is compared with; it reads no synthetic data.
+The paper adds the same term to MoCo-v2 too (`--base moco`: a momentum key encoder and a queue of keys;
+the term on the queries, lam 0.5), and compares six methods, which this file trains:
+
+    SimCLR       --lam 0                      MoCo       --base moco --lam 0
+    SimCLR-aug   --positive view              MoCo-aug   --base moco --positive view
+    CLSP-SimCLR  (the default)                CLSP-MoCo  --base moco
+
+`--lam 0` is the plain base, the baseline every CLSP number is compared with. The "-aug" controls make
+the third positive another augmented view of the real image instead of a candidate: the same term and
+the same cost, so CLSP beside its "-aug" control shows what a *synthetic* positive adds beyond a third
+view. Neither reads synthetic data.
 
     python clsp.py                                   # standard preset, after `python generate.py`
     python clsp.py --lam 0 --out runs/clsp_lam0.pt   # the SimCLR baseline (needs no candidates)
+    python clsp.py --positive view --out runs/clsp_aug.pt          # the SimCLR-aug control
+    python clsp.py --base moco --out runs/clsp_moco.pt             # CLSP on MoCo-v2
     python clsp.py --preset quick                    # ~30 epochs, part of the ~10 min quick pipeline
     python clsp.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
     python clsp.py --resume                          # continue an interrupted run to its last epoch
 
-Reads:  runs/synthetic.pt (from generate.py; not when --lam 0) and the training images. The data set,
-        directory and image size default to the ones the synthetic set was made from; with --lam 0,
-        to those of runs/synthetic.pt or runs/ddpm.pt when there is one (it says which), so the
-        baseline trains on the same images as CLSP.
-Writes: runs/clsp.pt (backbone + head weights, optimiser, epoch, settings, what it was made from),
-        saved atomically at the end of every epoch.
+Reads:  runs/synthetic.pt (from generate.py; only for CLSP) and the training images. The data set,
+        directory and image size default to the ones the synthetic set was made from; without
+        candidates, to those of runs/synthetic.pt or runs/ddpm.pt when there is one (it says which), so
+        baselines and controls train on the same images as CLSP.
+Writes: runs/clsp.pt (backbone + head weights, for MoCo the key encoder and queues, optimiser, epoch,
+        settings, the method's name, what it was made from), saved atomically at the end of every epoch.
 
 Speed: the whole data set (real and synthetic, uint8) lives on the GPU and the augmentations are
 batched tensor code there, so no DataLoader sits on the hot path (the airbench recipe). Goal: one
 CIFAR-10 epoch (50,000 images x 3 views, batch 1024) in at most 2 s on one H100, i.e. the authors'
 1000 epochs in well under an hour (theirs: ~6 h on 4 GPUs). GPU times are not yet measured. The tiny
-preset (64 images at 16x16, 2 epochs) takes 6.2 s on a 2-core CPU.
+preset (64 images at 16x16, 2 epochs) takes 6 to 8 s on a 2-core CPU, any of the six methods.
 """
 
 import argparse
@@ -56,16 +68,23 @@ import torchvision
 
 DEFAULTS = dict(  # the `standard` preset: the authors' recipe, 400 instead of 1000 epochs
     dataset="cifar10", data_dir="data", image_size=32, seed=0,
+    base="simclr",                       # the contrastive method the third positive is added to: simclr | moco
+    positive="synthetic",                # the third positive: a synthetic candidate (CLSP), or "view": another
+                                         # augmented view of the real image (the "-aug" control)
     lam=1.0, tau=0.2,                    # authors: lambda 1.0 (their ablation: 94.37; 1.6 gave 94.59), tau 0.2
     epochs=400, batch_size=1024,         # authors: 1000 epochs at batch 1024 (the `paper` preset)
     lr=0.5, momentum=0.9, weight_decay=1e-4, warmup_epochs=10,   # authors' SGD; lr is the one at batch 1024
+    queue=32768, key_momentum=0.99, key_momentum_end=0.999,      # MoCo only (the authors' MoCo-v2 config)
     knn_every=50, knn_k=200, knn_T=0.1,  # the quick kNN monitor uses evaluate.py's headline k and T
     synthetic="runs/synthetic.pt",
 )
+# What the authors' MoCo-v2 config changes (train_moco_clsp.py, after solo-learn's MoCo-v2+): a flag or a
+# preset still wins. Their lr 0.3 is at batch 512, unscaled; ours is given at batch 1024 and scaled, so 0.6.
+BASES = {"simclr": dict(), "moco": dict(lam=0.5, lr=0.6, batch_size=512)}
 PRESETS = {
     # seconds on a CPU (64 images at 16x16 after the tiny ddpm/generate): shows the loop works, numbers
     # mean nothing. The architecture is the real one: a toy head would test a different program.
-    "tiny": dict(image_size=16, epochs=2, batch_size=32, warmup_epochs=1, knn_every=1),
+    "tiny": dict(image_size=16, epochs=2, batch_size=32, warmup_epochs=1, knn_every=1, queue=64),
     # Part of the ~10 minute quick pipeline (two runs: lam = 0 and lam = 1). At the 3 s/epoch goal, 30
     # epochs are ~1.5 min a run; batch 512 gives twice the optimiser steps of 1024 in so short a run, and
     # a 10% warm-up replaces the authors' 10 of 1000 epochs. Time not yet measured on a GPU.
@@ -74,6 +93,14 @@ PRESETS = {
     "paper": dict(epochs=1000, knn_every=100),
 }
 FREE_ON_RESUME = {"data_dir", "knn_every", "synthetic"}   # the flags --resume may change
+
+
+def method_name(s):
+    """One name per method, the paper's: SimCLR, SimCLR-aug, CLSP-SimCLR, MoCo, MoCo-aug, CLSP-MoCo."""
+    base = {"simclr": "SimCLR", "moco": "MoCo"}[s.get("base", "simclr")]
+    if s["lam"] == 0:
+        return base                                   # the plain base: no third positive
+    return f"{base}-aug" if s.get("positive", "synthetic") == "view" else f"CLSP-{base}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,6 +156,22 @@ def total_loss(z1, z2, z3, lam, tau):
     return l_simclr + lam * l_clsp, l_simclr, l_clsp
 
 
+def info_nce(q, k, queue, tau):
+    """MoCo's InfoNCE (He et al. 2020, eq. 1): query q_i's positive is its key k_i (the other view, from
+    the key encoder); its negatives are the Q keys in the queue. Logits [B, 1 + Q] = [q_i . k_i, q_i . queue]
+    / tau, the positive in column 0, cross-entropy, mean over the batch. q, k, queue rows: unit vectors."""
+    positive = (q * k).sum(dim=1, keepdim=True)                          # [B, 1]
+    logits = torch.cat([positive, q @ queue.T], dim=1) / tau             # [B, 1 + Q]
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def moco_loss(q1, q2, k1, k2, queue, tau):
+    """The symmetric MoCo-v2 loss of the authors' code (and solo-learn's MoCo-v2+): each view's queries
+    against the other view's keys and the other view's queue: (InfoNCE(q1, k2, queue_2) + InfoNCE(q2, k1,
+    queue_1)) / 2. queue: [2, Q, d], the keys of view 1 and of view 2 of earlier batches."""
+    return (info_nce(q1, k2, queue[1], tau) + info_nce(q2, k1, queue[0], tau)) / 2
+
+
 def pick_candidates(synthetic, idx, generator=None):
     """s_i = synthetic[i, k], k ~ Uniform{0..K-1} drawn afresh at every draw of image i (not one per epoch)."""
     k = torch.randint(0, synthetic.shape[1], idx.shape, device=idx.device, generator=generator)
@@ -140,11 +183,17 @@ def pick_candidates(synthetic, idx, generator=None):
 #   RandomResizedCrop(scale (0.08, 1), ratio (3/4, 4/3)) + HorizontalFlip(0.5)
 #   -> ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, in a random order per image -> RandomGrayscale(0.2)
 #   -> Normalize(mean, std).
-# Parameters are drawn like torchvision draws them, so the statistics match (tests/test_clsp.py checks).
+# The authors' MoCo pipeline differs in two places: saturation 0.2, and RandomSolarize with p 0.2 after
+# the grayscale (AUGMENT below). Parameters are drawn like torchvision draws them, so the statistics match
+# (tests/test_clsp.py checks).
 # ------------------------------------------------------------------------------------------------
 
-def sample_augment_params(B, H, W, device, generator=None):
-    """One independent set of random parameters per image, as a dict of [B, ...] tensors."""
+AUGMENT = {"simclr": dict(saturation=0.4, solarize=0.0), "moco": dict(saturation=0.2, solarize=0.2)}
+
+
+def sample_augment_params(B, H, W, device, generator=None, saturation=0.4, solarize=0.0):
+    """One independent set of random parameters per image, as a dict of [B, ...] tensors. saturation: the
+    colour jitter's saturation strength; solarize: the probability of solarising (0: SimCLR, no draw)."""
     def uniform(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(*shape, device=device, generator=generator)
 
@@ -167,9 +216,11 @@ def sample_augment_params(B, H, W, device, generator=None):
         flip=torch.rand(B, device=device, generator=generator) < 0.5,
         jitter=torch.rand(B, device=device, generator=generator) < 0.8,               # RandomApply(p=0.8)
         factors=torch.stack([uniform(0.6, 1.4, B), uniform(0.6, 1.4, B),              # brightness, contrast,
-                             uniform(0.6, 1.4, B), uniform(-0.1, 0.1, B)], dim=1),    # saturation, hue
+                             uniform(1 - saturation, 1 + saturation, B),              # saturation,
+                             uniform(-0.1, 0.1, B)], dim=1),                          # hue
         order=torch.rand(B, 4, device=device, generator=generator).argsort(dim=1),   # a random permutation each
         gray=torch.rand(B, device=device, generator=generator) < 0.2,
+        **({"solarize": torch.rand(B, device=device, generator=generator) < solarize} if solarize else {}),
     )
 
 
@@ -230,15 +281,18 @@ def apply_augment(x, p, size, mean, std):
         x = torch.where((op == 3).view(B, 1, 1, 1), shift_hue(x, f_all[:, 3]), x)
 
     x = torch.where(p["gray"].view(B, 1, 1, 1), grayscale(x).expand(B, 3, size, size), x)  # RandomGrayscale
+    if "solarize" in p:   # MoCo's RandomSolarize: every value at or above the threshold 128/255 inverted
+        x = torch.where(p["solarize"].view(B, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def augment(x, size, mean, std, generator=None):
-    """SimCLR's augmentation of uint8 images x [B, 3, H, W], independent random parameters per image."""
-    return apply_augment(x, sample_augment_params(x.shape[0], x.shape[2], x.shape[3], x.device, generator),
-                         size, mean, std)
+def augment(x, size, mean, std, generator=None, base="simclr"):
+    """The augmentation of uint8 images x [B, 3, H, W] (SimCLR's, or the authors' MoCo one), independent
+    random parameters per image."""
+    p = sample_augment_params(x.shape[0], x.shape[2], x.shape[3], x.device, generator, **AUGMENT[base])
+    return apply_augment(x, p, size, mean, std)
 
 
 def channel_stats(x):
@@ -248,7 +302,9 @@ def channel_stats(x):
 
 
 # ------------------------------------------------------------------------------------------------
-# Training: one step of SimCLR + the CLSP term, then the loop that repeats it.
+# Training: one step of SimCLR + the CLSP term, the same on MoCo-v2, then the loop that repeats either.
+# The third positive x3 is a synthetic candidate (CLSP) or another augmented view of the real image (the
+# "-aug" control: the same extra term and cost, without synthetic data), or None for the plain base.
 # ------------------------------------------------------------------------------------------------
 
 def lr_at(step, s, steps_per_epoch):
@@ -261,11 +317,16 @@ def lr_at(step, s, steps_per_epoch):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
 
 
+def term_name(s):
+    """The name of the third positive's term in progress lines: L_clsp (a candidate) or L_aug (a view)."""
+    return "L_aug" if s.get("positive") == "view" else "L_clsp"
+
+
 def make_train_step(net, opt, scaler, s, mean, std, amp=None, compiled=False, layout=None):
-    """train_step(x, s_img, lr) -> {"L_simclr": ..., "L_clsp": ...}: one SGD step at learning rate lr on
-    the uint8 real images x [B, 3, H, W] and their picked candidates s_img (None when lam = 0: then only
-    L_simclr). s holds lam and tau; mean, std are the Normalize constants (tensors on the device).
-    Used by the loop below and by tests/benchmark.py."""
+    """SimCLR's step: train_step(x, x3, lr) -> {"L_simclr": ..., "L_clsp" (or "L_aug"): ...}, one SGD step
+    at learning rate lr on the uint8 real images x [B, 3, H, W] and their third positives x3 (None when
+    lam = 0: then only L_simclr). s holds lam and tau; mean, std are the Normalize constants (tensors on
+    the device). Used by the loop below and by tests/benchmark.py."""
     layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
     # Compiled (the default on a GPU): the network and, separately, apply_augment, whose ~290 small
     # operations each read and write the whole batch eagerly; inductor fuses the elementwise ones. The
@@ -274,18 +335,18 @@ def make_train_step(net, opt, scaler, s, mean, std, amp=None, compiled=False, la
     forward = torch.compile(net) if compiled else net
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
 
-    def train_step(x, s_img, lr):
+    def train_step(x, x3, lr):
         B, H, W = x.shape[0], x.shape[2], x.shape[3]
-        # [v1; v2; s]: the real batch twice and one candidate per image, all augmented in one call with
-        # independent parameters per image, so v1 and v2 differ.
-        raw = torch.cat([x, x] + ([s_img] if s_img is not None else []))   # uint8 [V*B, 3, H, W]
+        # [v1; v2; v3]: the real batch twice and one third positive per image, all augmented in one call
+        # with independent parameters per image, so v1 and v2 (and a "-aug" v3) differ.
+        raw = torch.cat([x, x] + ([x3] if x3 is not None else []))         # uint8 [V*B, 3, H, W]
         p = sample_augment_params(raw.shape[0], H, W, x.device)            # augment() in two steps
         views = augment_views(raw, p, H, mean, std).contiguous(memory_format=layout)
-        # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and s together.
+        # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and v3 together.
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
             z = forward(views)
         z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
-        z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if s_img is not None else None)
+        z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if x3 is not None else None)
         loss, l_simclr, l_clsp = total_loss(z1, z2, z3, s["lam"], s["tau"])
         opt.zero_grad(set_to_none=True)
         for g in opt.param_groups:
@@ -293,21 +354,99 @@ def make_train_step(net, opt, scaler, s, mean, std, amp=None, compiled=False, la
         scaler.scale(loss).backward()              # fp16 only: loss scaling; otherwise plain backward()
         scaler.step(opt)
         scaler.update()
-        return dict(L_simclr=l_simclr.detach(), **({} if z3 is None else {"L_clsp": l_clsp.detach()}))
+        return dict(L_simclr=l_simclr.detach(), **({} if z3 is None else {term_name(s): l_clsp.detach()}))
+
+    return train_step
+
+
+def key_momentum_at(step, s, total_steps):
+    """MoCo's key-encoder momentum m after step `step`: from key_momentum (0.99) up to key_momentum_end
+    (0.999) on a half cosine over the run (the authors', after solo-learn's MoCo-v2+)."""
+    m0, m1 = s["key_momentum"], s["key_momentum_end"]
+    return m1 - (m1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+class KeyQueue:
+    """MoCo's two queues of L2-normalised keys, one per view ([2, Q, d]): the negatives of the other
+    view's queries. A ring: each step's B keys replace the oldest B, at `ptr` (Q is a multiple of B, so a
+    batch never wraps). Filled with random unit vectors at first, as in MoCo."""
+
+    def __init__(self, Q, d, device):
+        self.keys = F.normalize(torch.randn(2, Q, d, device=device), dim=2)
+        self.ptr = 0
+
+    def push(self, k1, k2):
+        B = k1.shape[0]
+        self.keys[0, self.ptr:self.ptr + B] = k1
+        self.keys[1, self.ptr:self.ptr + B] = k2
+        self.ptr = (self.ptr + B) % self.keys.shape[1]
+
+
+def make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, amp=None, compiled=False, layout=None):
+    """MoCo-v2's step (He et al. 2020; Chen et al. 2020b): train_step(x, x3, lr, m) -> {"L_moco": ...,
+    "L_clsp" (or "L_aug"): ...}. The query encoder net (backbone + head) learns; the key encoder key_net
+    is its moving average, k <- m k + (1 - m) q after each step; queue holds the keys of earlier batches.
+    The CLSP term is the SimCLR one on the queries: lam * mean ||q1 - q3||^2, q3 the third positive's query."""
+    layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
+    query = torch.compile(net) if compiled else net                # compiled as the SimCLR step is
+    key = torch.compile(key_net) if compiled else key_net
+    augment_views = torch.compile(apply_augment) if compiled else apply_augment
+    q_weights, k_weights = list(net.parameters()), list(key_net.parameters())
+
+    def embed(encoder, v):
+        with torch.autocast(v.device.type, dtype=amp, enabled=amp is not None):
+            return F.normalize(encoder(v).float(), dim=1)
+
+    def train_step(x, x3, lr, m):
+        B, H, W = x.shape[0], x.shape[2], x.shape[3]
+        raw = torch.cat([x, x] + ([x3] if x3 is not None else []))
+        p = sample_augment_params(raw.shape[0], H, W, x.device, **AUGMENT["moco"])   # MoCo's colours
+        views = augment_views(raw, p, H, mean, std).contiguous(memory_format=layout)
+        # One pass per view, so each view has its own BatchNorm statistics, as in the authors' code.
+        q1, q2 = embed(query, views[:B]), embed(query, views[B:2 * B])
+        with torch.no_grad():                      # the keys: no gradient, the encoder is an average
+            k1, k2 = embed(key, views[:B]), embed(key, views[B:2 * B])
+        l_moco = moco_loss(q1, q2, k1, k2, queue.keys, s["tau"])
+        losses = dict(L_moco=l_moco.detach())
+        loss = l_moco
+        if x3 is not None:
+            l_third = clsp_loss(q1, embed(query, views[2 * B:]))
+            loss = loss + s["lam"] * l_third
+            losses[term_name(s)] = l_third.detach()
+        opt.zero_grad(set_to_none=True)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        # Only now, after the backward, what changes between steps (a compiled call that failed can be
+        # repeated): the key encoder follows the query encoder, and this batch's keys enter the queue,
+        # the negatives of the next batches, never of their own.
+        with torch.no_grad():
+            torch._foreach_lerp_(k_weights, q_weights, 1 - m)          # k <- m k + (1 - m) q
+        queue.push(k1, k2)
+        return losses
 
     return train_step
 
 
 def train(train_step, x_train, synthetic, s, step, end_of_epoch, stop, progress):
     """Repeat the step until the last epoch, each on B real images in a seeded per-epoch order (so
-    --resume sees the same order) and, for CLSP, one candidate of each. end_of_epoch(step) prints the
-    epoch's line and saves. Returns the step reached (earlier on Ctrl-C)."""
+    --resume sees the same order) and their third positives. end_of_epoch(step) prints the epoch's
+    line and saves. Returns the step reached (earlier on Ctrl-C)."""
     order = EpochOrder(x_train.shape[0], s["batch_size"], s["seed"], x_train.device)
     steps_per_epoch, total_steps = order.steps_per_epoch, s["epochs"] * order.steps_per_epoch
     while step < total_steps:
         idx = order.batch(step)
-        s_img = None if synthetic is None else pick_candidates(synthetic, idx)   # afresh at every draw
-        losses = train_step(x_train[idx], s_img, lr_at(step, s, steps_per_epoch))
+        x3 = None                                           # lam 0: the plain base
+        if s["lam"] and s["positive"] == "synthetic":
+            x3 = pick_candidates(synthetic, idx)            # CLSP: one of image i's K, afresh at every draw
+        elif s["lam"]:
+            x3 = x_train[idx]                               # "-aug": the image again, for a third view
+        hyper = dict(lr=lr_at(step, s, steps_per_epoch))
+        if s["base"] == "moco":
+            hyper["m"] = key_momentum_at(step, s, total_steps)   # the key encoder's momentum
+        losses = train_step(x_train[idx], x3, **hyper)
         step += 1
         # ---- bookkeeping, at a step boundary, where weights, momentum and RNG agree ----
         progress.add(**losses)                              # summed on the device: no host sync
@@ -385,20 +524,26 @@ def make_knn_monitor(s, backbone, x_train, y_train, mean, std, C, amp):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR + synthetic positives on a ResNet-18.")
+    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR or MoCo-v2 + synthetic positives on a ResNet-18.")
     add = settings_adder(p, DEFAULTS, PRESETS)
-    add("--dataset", "cifar10 | cifar100 | folder (default: the synthetic set's, or with --lam 0 the one in runs/)")
-    add("--data-dir", "where the data set is (default: the synthetic set's, or with --lam 0 the one in runs/)")
-    add("--image-size", "image size (default: the synthetic set's, or with --lam 0 the one in runs/)", type=int)
+    add("--dataset", "cifar10 | cifar100 | folder (default: the synthetic set's, or without one the one in runs/)")
+    add("--data-dir", "where the data set is (default: the synthetic set's, or without one the one in runs/)")
+    add("--image-size", "image size (default: the synthetic set's, or without one the one in runs/)", type=int)
     add("--seed", "random seed", type=int)
-    add("--lam", "weight lambda of the CLSP term; 0 = plain SimCLR", type=float)
-    add("--tau", "NT-Xent temperature", type=float)
+    add("--base", "simclr | moco: the contrastive method the third positive is added to")
+    add("--positive", "synthetic | view: the third positive, a synthetic candidate (CLSP) or another augmented "
+                      "view of the real image (the '-aug' control, no synthetic data)")
+    add("--lam", "weight lambda of the third positive's term; 0 = the plain base; MoCo's standard: 0.5", type=float)
+    add("--tau", "temperature of NT-Xent (SimCLR) or InfoNCE (MoCo)", type=float)
     add("--epochs", "training epochs (authors: 1000)", type=int)
-    add("--batch-size", "real images per step; 3 views each", type=int)
+    add("--batch-size", "real images per step; 3 views each; MoCo's standard: 512", type=int)
     add("--lr", "SGD learning rate AT BATCH 1024; the run uses lr * batch / 1024 (linear scaling, "
-                "Goyal et al. 2017)", type=float)
+                "Goyal et al. 2017); MoCo's standard: 0.6 (the authors' 0.3 at batch 512)", type=float)
     add("--weight-decay", "on all parameters", type=float)
     add("--warmup-epochs", "linear warm-up, then cosine to 0", type=int)
+    add("--queue", "MoCo: keys in each of the two queues, a multiple of --batch-size", type=int)
+    add("--key-momentum", "MoCo: the key encoder's momentum m at the start, in [0, 1)", type=float)
+    add("--key-momentum-end", "MoCo: m at the end, reached on a half cosine", type=float)
     add("--synthetic", "stage 2's candidate set")
     add("--knn-every", "print a quick kNN top-1 on the test split every N epochs; 0: never", type=int)
     add_run_flags(p, "the network and the augmentation")
@@ -409,12 +554,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_settings(s):
+def base_settings(s, explicit, preset):
+    """The base's own defaults (MoCo: lam 0.5, lr 0.6, batch 512), under the preset and the flags given."""
+    if s["base"] not in BASES:
+        fail(f"unknown --base {s['base']!r}; choose simclr or moco")
+    s.update({k: v for k, v in BASES[s["base"]].items() if k not in explicit and k not in PRESETS[preset]})
+
+
+def check_settings(s, explicit):
     for k in ["image_size", "epochs", "batch_size"]:
         if s[k] < 1:
             fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
     if s["batch_size"] < 2:
-        fail("--batch-size must be at least 2: NT-Xent needs other images in the batch as negatives")
+        fail("--batch-size must be at least 2: the loss needs other images in the batch as negatives")
     if not 0 <= s["warmup_epochs"] <= s["epochs"]:
         fail(f"--warmup-epochs must be between 0 and --epochs ({s['epochs']}), got {s['warmup_epochs']}")
     if s["knn_every"] < 0:
@@ -425,6 +577,20 @@ def check_settings(s):
     for k in ["lam", "weight_decay"]:
         if not (s[k] >= 0 and math.isfinite(s[k])):
             fail(f"--{k.replace('_', '-')} must be zero or a positive number, got {s[k]}")
+    if s["positive"] not in ("synthetic", "view"):
+        fail(f"unknown --positive {s['positive']!r}; choose synthetic (CLSP) or view (the '-aug' control)")
+    if s["positive"] == "view" and "synthetic" in explicit:
+        fail("--positive view takes another augmented view of the real image as the third positive and "
+             "reads no synthetic set; drop --synthetic, or use --positive synthetic")
+    if s["base"] == "moco":
+        B, Q = s["batch_size"], s["queue"]
+        if Q < B or Q % B:
+            fail(f"--queue {Q} must be a multiple of --batch-size {B}: each step's {B} keys replace the oldest "
+                 f"{B} in the queue; pass --queue {max(B, round(Q / B) * B)}")
+        for k in ["key_momentum", "key_momentum_end"]:
+            if not 0 <= s[k] < 1:
+                fail(f"--{k.replace('_', '-')} must be in [0, 1) (the key encoder keeps that share of its "
+                     f"weights each step), got {s[k]}")
 
 
 def main(argv=None):
@@ -435,16 +601,20 @@ def main(argv=None):
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
         ckpt, s = load_for_resume(args.out, "backbone", explicit, FREE_ON_RESUME,
                                   command("clsp.py", args, "--out", args.out))
+        s = {**DEFAULTS, **s}                     # (a checkpoint from before MoCo: SimCLR, candidates)
         if ckpt["finished"]:
             print(f"{args.out} already finished all {ckpt['epoch']} epochs; nothing to do", flush=True)
             return
-    elif "warmup_epochs" not in explicit:
-        # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
-        s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
-    check_settings(s)
-    simclr_only = s["lam"] == 0   # the baseline: no candidates are read, drawn, augmented or computed
-    syn = None if simclr_only else load_candidates(s, explicit, ckpt, args)
-    if simclr_only and ckpt is None:
+    else:
+        base_settings(s, explicit, args.preset)
+        if "warmup_epochs" not in explicit:
+            # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
+            s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
+    check_settings(s, explicit)
+    method = method_name(s)
+    uses_candidates = s["lam"] > 0 and s["positive"] == "synthetic"   # CLSP; otherwise no synthetic data
+    syn = load_candidates(s, explicit, ckpt, args) if uses_candidates else None
+    if not uses_candidates and ckpt is None:
         take_data_from_artifacts(s, explicit)
     x_train, y_train, classes, info = training_images(s, syn, ckpt, args)
 
@@ -452,38 +622,47 @@ def main(argv=None):
     with claim_output(args.out), StopFlag() as stop:
         if ckpt is None:
             refuse_to_overwrite(args.out, f"continue it with {command('clsp.py', args, '--resume', '--out', args.out)}")
-        N, B, V = x_train.shape[0], s["batch_size"], 2 if simclr_only else 3   # views: v1, v2 (+ s)
+        N, B, V = x_train.shape[0], s["batch_size"], 2 if s["lam"] == 0 else 3   # views: v1, v2 (+ v3)
         # The whole data set on the device as uint8: CIFAR-10 is 150 MB, its K = 8 candidates 1.2 GB.
         norm = channel_stats(x_train)             # the Normalize constants, of the real training images
         mean, std = (torch.tensor(v, device=device) for v in norm)
         x_train = x_train.to(device)
-        synthetic = None if simclr_only else syn["images"].to(device)
-        backbone, head, net, opt, scaler, amp, step = make_model(s, args, device, ckpt)
+        synthetic = syn["images"].to(device) if uses_candidates else None
+        net, key_net, queue, opt, scaler, amp, step = make_model(s, args, device, ckpt)
+        backbone, head = net
         knn_monitor = make_knn_monitor(s, backbone, x_train, y_train, mean, std, len(classes), amp)
-        print(f"{N} training images of {info['dataset']} at {info['image_size']}px; lam {s['lam']}, tau {s['tau']}, "
-              f"{V} views per image" + (" (SimCLR baseline)" if simclr_only else f", K = {synthetic.shape[1]} "
-              f"candidates each") + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
+        print(f"{method}: {N} training images of {info['dataset']} at {info['image_size']}px; lam {s['lam']}, "
+              f"tau {s['tau']}, {V} views per image" + (f", K = {synthetic.shape[1]} candidates each" if
+              uses_candidates else "") + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
         compiled = compile_enabled(args.compile, device)
-        train_step = make_train_step(net, opt, scaler, s, mean, std, amp, compiled)
+
+        def make_step(compiled):
+            if s["base"] == "moco":
+                return make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, amp, compiled)
+            return make_train_step(net, opt, scaler, s, mean, std, amp, compiled)
+        train_step = make_step(compiled)
         if compiled:          # a compile or CUDA-graph failure on this GPU: one sentence, then eager
-            train_step = with_eager_fallback(train_step, lambda: make_train_step(net, opt, scaler, s, mean, std, amp),
-                                             "training step", device)
-        require_free_space(args.out, tensor_bytes(net.state_dict().values()) + tensor_bytes(net.parameters()))
+            train_step = with_eager_fallback(train_step, lambda: make_step(False), "training step", device)
+        # a checkpoint holds the weights and SGD's momentum, and MoCo's key encoder and queues
+        require_free_space(args.out, tensor_bytes(net.state_dict().values()) + tensor_bytes(net.parameters()) + (
+            0 if key_net is None else tensor_bytes([*key_net.state_dict().values(), queue.keys])))
         steps_per_epoch = N // B                  # drop_last: every step sees a full batch
         peak = peak_flops(device)
         progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
-                            peak and flops_per_step(net, V, B, s["image_size"], device) * steps_per_epoch, peak,
+                            peak and steps_per_epoch * flops_per_step(net, V, B, s["image_size"], device,
+                                                                      key_views=2 if key_net is not None else 0), peak,
                             warming=compiled, on_nan=f"the last good checkpoint {args.out} (if any) is kept; "
                                                      f"start a new run with a lower --lr")
 
         def save(step):
+            moco = {} if key_net is None else dict(key=key_net.state_dict(), queue=queue.keys, queue_ptr=queue.ptr)
             atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), epoch=step // steps_per_epoch,
-                             step=step, settings=s, data=info, classes=classes,
-                             synthetic=None if simclr_only else made_from(syn, s["synthetic"]),
+                             step=step, settings=s, method=method, data=info, classes=classes,
+                             synthetic=made_from(syn, s["synthetic"]) if uses_candidates else None,
                              norm=dict(mean=norm[0], std=norm[1]), finished=step == s["epochs"] * steps_per_epoch,
                              num_params=dict(backbone=sum(p.numel() for p in backbone.parameters()),
                                              head=sum(p.numel() for p in head.parameters())),
-                             **training_state(opt, scaler, device)), args.out)
+                             **moco, **training_state(opt, scaler, device)), args.out)
 
         def end_of_epoch(step):
             done = step // steps_per_epoch
@@ -503,7 +682,7 @@ def main(argv=None):
             save(step)                            # at a step boundary: a stop in the last step still finishes
             raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); saved "
                              f"{args.out}: continue with {command('clsp.py', args, '--resume', '--out', args.out)}")
-    print(f"wrote {args.out} ({s['epochs']} epoch{'s' * (s['epochs'] != 1)})", flush=True)
+    print(f"wrote {args.out} ({method}, {s['epochs']} epoch{'s' * (s['epochs'] != 1)})", flush=True)
 
 
 def load_candidates(s, explicit, ckpt, args):
@@ -532,8 +711,9 @@ def artifact_data_settings(art):
 
 
 def take_data_from_artifacts(s, explicit):
-    """--lam 0 with no data flags: train on the data of the candidate set or the DDPM in the same folder,
-    when there is one, so the baseline sees the very images CLSP sees; say where it came from."""
+    """A run without candidates (lam 0, or the "-aug" control) and no data flags: train on the data of the
+    candidate set or the DDPM in the same folder, when there is one, so the baselines and controls see the
+    very images CLSP sees; say where it came from."""
     if {"dataset", "data_dir", "image_size"} & explicit.keys():
         return
     for path in (s["synthetic"], os.path.join(os.path.dirname(s["synthetic"]), "ddpm.pt")):
@@ -572,13 +752,17 @@ def training_images(s, syn, ckpt, args):
 
 
 def make_model(s, args, device, ckpt):
-    """The ResNet-18 and its head, SGD, the fp16 loss scaler and the autocast dtype; from the checkpoint
-    when resuming. Returns them and the step to start from."""
+    """The ResNet-18 and its head (net = Sequential(backbone, head)), for MoCo its key encoder and queues,
+    SGD, the fp16 loss scaler and the autocast dtype; from the checkpoint when resuming. Returns them and
+    the step to start from."""
     torch.manual_seed(s["seed"])
-    backbone, head = make_backbone(), make_head()
     # channels_last (NHWC) is the layout tensor cores want on a GPU; on a CPU plain NCHW measured faster.
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    net = nn.Sequential(backbone, head).to(device, memory_format=layout)
+    net = nn.Sequential(make_backbone(), make_head()).to(device, memory_format=layout)
+    key_net = queue = None
+    if s["base"] == "moco":   # the key encoder starts as a copy of the query encoder and never learns itself
+        key_net = copy.deepcopy(net).requires_grad_(False)
+        queue = KeyQueue(s["queue"], net[1][-1].out_features, device)
     # SGD with weight decay on every parameter, BatchNorm and biases included (the authors' recipe).
     opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=s["momentum"], weight_decay=s["weight_decay"])
     # Autocast: bf16 on recent GPUs, fp16 + loss scaling on older ones (common.autocast_dtype says why).
@@ -586,22 +770,32 @@ def make_model(s, args, device, ckpt):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step = 0
     if ckpt is not None:
-        backbone.load_state_dict(ckpt["backbone"])
-        head.load_state_dict(ckpt["head"])
+        net[0].load_state_dict(ckpt["backbone"])
+        net[1].load_state_dict(ckpt["head"])
+        if key_net is not None:
+            key_net.load_state_dict(ckpt["key"])
+            queue.keys.copy_(ckpt["queue"])
+            queue.ptr = ckpt["queue_ptr"]
         step = restore_training_state(ckpt, opt, scaler, device)
         print(f"resuming {args.out} at epoch {ckpt['epoch']}/{s['epochs']} (step {step})", flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick its fastest kernels
-    print(f"ResNet-18 {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f} M + head "
-          f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M parameters", flush=True)
-    return backbone, head, net, opt, scaler, amp, step
+    print(f"ResNet-18 {sum(p.numel() for p in net[0].parameters()) / 1e6:.2f} M + head "
+          f"{sum(p.numel() for p in net[1].parameters()) / 1e6:.2f} M parameters"
+          + ("" if key_net is None else f", and a key encoder of the same size; 2 queues of {s['queue']} keys"),
+          flush=True)
+    return net, key_net, queue, opt, scaler, amp, step
 
 
-def flops_per_step(net, V, B, image_size, device):
-    """FLOPs of one training step (forward + backward), for the MFU on a known GPU: counted on a copy
-    (so BatchNorm's running statistics are not nudged) with 2 images per view, scaled to the batch."""
+def flops_per_step(net, V, B, image_size, device, key_views=0):
+    """FLOPs of one training step (forward + backward of V views; MoCo: and a forward of key_views views
+    through the key encoder), for the MFU on a known GPU: counted on a copy (so BatchNorm's running
+    statistics are not nudged) with 2 images per view, scaled to the batch."""
     m, x = copy.deepcopy(net), torch.zeros(2 * V, 3, image_size, image_size, device=device)
-    return count_flops(lambda: m(x).sum().backward()) / 2 * B
+    flops = count_flops(lambda: m(x).sum().backward())
+    with torch.no_grad():
+        flops += count_flops(lambda: m(x[:2 * key_views])) if key_views else 0
+    return flops / 2 * B
 
 
 def made_from(syn, path):

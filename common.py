@@ -197,11 +197,11 @@ def with_eager_fallback(compiled_fn, make_eager_fn, what, device):
     the compiled part returns, so the call can be repeated.)"""
     current = [compiled_fn]
 
-    def call(*args):
+    def call(*args, **kwargs):
         if current[0] is compiled_fn:
             rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
             try:
-                return compiled_fn(*args)
+                return compiled_fn(*args, **kwargs)
             except (torch.cuda.OutOfMemoryError, KeyboardInterrupt, SystemExit):
                 raise                       # not a compile problem: a smaller batch, or a stop
             except Exception as e:
@@ -212,7 +212,7 @@ def with_eager_fallback(compiled_fn, make_eager_fn, what, device):
                 torch.set_rng_state(rng[0])
                 if rng[1] is not None:
                     torch.cuda.set_rng_state(rng[1], device)
-        return current[0](*args)
+        return current[0](*args, **kwargs)
     return call
 
 

@@ -20,6 +20,12 @@ next to how often a view's is (how often it is a *true* positive).
 That share is judged in the space of an independent backbone, the SimCLR baseline (lam = 0) that never
 saw a candidate (--judge, by default runs/clsp_lam0.pt when there is one), beside the same share for
 augmented views: a CLSP backbone, trained to pull candidates to their anchors, would flatter them.
+Beside both, the same two numbers for the positive that nearest-neighbour methods (NNCLR) take instead,
+the training image nearest to a view of the anchor, with its true label: the paper's case is that such
+a neighbour is an *easy* positive and, early in training, often of another class.
+
+Any of clsp.py's six methods (SimCLR, SimCLR-aug, CLSP-SimCLR, MoCo, MoCo-aug, CLSP-MoCo) is evaluated
+the same way: the query encoder's backbone for MoCo. The closing table names each run by its method.
 
     python evaluate.py                               # runs/clsp.pt on its own data set, all numbers
     python evaluate.py --dataset cifar100            # transfer: a CIFAR-10 backbone probed on CIFAR-100
@@ -52,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Stage 3's method, written once in clsp.py: the ResNet-18, its augmentation and normalisation, and the kNN vote.
-from clsp import augment, channel_stats, features, knn_predict, make_backbone
+from clsp import augment, channel_stats, features, knn_predict, make_backbone, method_name
 
 # ------------------------------------------------------------------------------------------------
 # Settings. The protocols are the same in every preset but `tiny`; they are cheap on features.
@@ -200,7 +206,7 @@ def main(argv=None):
         amp = autocast_dtype(args.precision, device)
         backbone = frozen_backbone(ckpt["backbone"], args.checkpoint, device)
         lam = ckpt["settings"].get("lam")
-        method = "SimCLR baseline" if lam == 0 else "CLSP"
+        method = method_name(ckpt["settings"])     # SimCLR, SimCLR-aug, CLSP-SimCLR, MoCo, MoCo-aug, CLSP-MoCo
         print(f"backbone {args.checkpoint} ({method}, lam {lam}, epoch {ckpt.get('epoch')}, trained on "
               f"{ckpt['data']['dataset']}) evaluated on {data['info']['dataset']}: {data['info']['num_train']} "
               f"training and {data['x_test'].shape[0]} test images, {data['C']} classes"
@@ -231,7 +237,7 @@ def main(argv=None):
         diag = None
         if syn is not None:
             t0 = sync_time(device)
-            diag = diagnose_candidates(syn, backbone, f_train, judge, data, s, amp)
+            diag = diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, ckpt["settings"].get("base", "simclr"))
             times["diagnostics"] = sync_time(device) - t0
         times["total"] = time.perf_counter() - t_start
 
@@ -241,7 +247,7 @@ def main(argv=None):
                          synthetic=None if syn is None else dict(path=args.synthetic, settings=syn.get("settings"),
                                                                  ddpm=syn.get("ddpm")),
                          judge=None if judge is None else dict(path=judge[0], epoch=judge[1].get("epoch")))
-        result = dict(knn_top1=knn, linear_top1=linear, probe_final_loss=probe_loss,
+        result = dict(method=method, knn_top1=knn, linear_top1=linear, probe_final_loss=probe_loss,
                       knn_top1_by_k_chosen_on_test=knn_grid, knn_grid_temperature=KNN_GRID_TEMP, transfer=transfer,
                       data={**data["info"], "data_dir": s["data_dir"], "num_test": int(data["x_test"].shape[0])},
                       synthetic_diagnostics=diag, note=note, seconds=times, device=str(device),
@@ -319,13 +325,18 @@ def knn_accuracy(f_test, f_train, data, k, temp):
     return 100 * (pred == data["y_test"]).float().mean().item()
 
 
-def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp):
+def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simclr"):
     """How hard the candidates are and how often they are true positives, like for like: each candidate
     is augmented with clsp.py's own pipeline, as in training, and set beside an augmented view of its
     anchor. Hard: the cosine of a view of the anchor and its candidate, beside that of two views of the
     anchor. True: the share of candidates whose kNN class among the real training images (their own
     anchor left out) is the anchor's label, beside the same share for a view of the anchor; read in the
-    evaluated backbone's space and, when there is one, in the independent judge's."""
+    evaluated backbone's space and, when there is one, in the independent judge's.
+
+    And the positive that nearest-neighbour methods (NNCLR) use instead: the training image nearest to a
+    view of the anchor in this backbone's space (the anchor left out), measured the same way, a view of
+    it beside a view of the anchor, with its true label too. The paper's point: such a neighbour is an
+    easy positive (close already) and, early in training, often of another class."""
     images, y_train, device = syn["images"], data["y_train"], data["x_train"].device
     K = images.shape[1]
     g = torch.Generator().manual_seed(s["seed"])         # a random subset of anchors, fixed by --seed
@@ -335,30 +346,42 @@ def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp):
     x_anchor, cand = data["x_train"][anchor], images[pick].flatten(0, 1).to(device)   # n and n*K images
     feats = lambda net, x, prepare=None: features(net, x, data["mean"], data["std"], amp, s["batch_size"], prepare)
 
-    def embed(net):
-        """Features of two views of each anchor and one of each candidate, the same draws every call."""
+    def embed(net, neighbour):
+        """Features of two views of each anchor, one of each candidate and one of each anchor's nearest
+        neighbour, the same draws every call."""
         g_aug = torch.Generator(device).manual_seed(s["seed"])
-        views = lambda x: augment(x, s["image_size"], data["mean"], data["std"], generator=g_aug)
-        return [feats(net, x, prepare=views) for x in (x_anchor, x_anchor, cand)]
+        views = lambda x: augment(x, s["image_size"], data["mean"], data["std"], generator=g_aug, base=base)
+        return [feats(net, x, prepare=views) for x in (x_anchor, x_anchor, cand, data["x_train"][neighbour])]
 
-    def agreement(f_bank, f_cand, f_view):
-        pred_cand = knn_predict(f_cand, f_bank, y_train, data["C"], s["knn_k"], s["knn_temp"], exclude=anchor_k)
-        pred_view = knn_predict(f_view, f_bank, y_train, data["C"], s["knn_k"], s["knn_temp"], exclude=anchor)
-        return (100 * (pred_cand == y_train[anchor_k]).float().mean().item(),
-                100 * (pred_view == y_train[anchor]).float().mean().item())
+    def agreement(f_bank, f_cand, f_view, f_nn, neighbour):
+        """The share (%) of candidates, views and neighbours whose kNN class is the anchor's label."""
+        knn = lambda f, exclude: knn_predict(f, f_bank, y_train, data["C"], s["knn_k"], s["knn_temp"], exclude=exclude)
+        return [100 * (knn(f, exclude) == y_train[a]).float().mean().item()
+                for f, exclude, a in ((f_cand, anchor_k, anchor_k), (f_view, anchor, anchor), (f_nn, neighbour, anchor))]
 
-    f_v1, f_v2, f_cand = embed(backbone)
-    diag = dict(anchors=len(pick), K=K,
-                cos_anchor_candidate=F.cosine_similarity(f_v1.repeat_interleave(K, dim=0), f_cand).mean().item(),
-                cos_two_views=F.cosine_similarity(f_v1, f_v2).mean().item())
+    # NNCLR's positive: the nearest training image to a view of the anchor, the anchor itself left out.
+    g_aug = torch.Generator(device).manual_seed(s["seed"])
+    f_view = feats(backbone, x_anchor, lambda x: augment(x, s["image_size"], data["mean"], data["std"],
+                                                         generator=g_aug, base=base))
+    sim = F.normalize(f_view, dim=1) @ F.normalize(f_train, dim=1).T
+    sim[torch.arange(len(anchor), device=device), anchor] = -math.inf
+    neighbour = sim.argmax(dim=1)
+
+    f_v1, f_v2, f_cand, f_nn = embed(backbone, neighbour)
+    cos = lambda a, b: F.cosine_similarity(a, b).mean().item()
+    diag = dict(anchors=len(pick), K=K, cos_anchor_candidate=cos(f_v1.repeat_interleave(K, dim=0), f_cand),
+                cos_two_views=cos(f_v1, f_v2), cos_anchor_neighbour=cos(f_v1, f_nn),
+                neighbour_true_label_agreement=100 * (y_train[neighbour] == y_train[anchor]).float().mean().item())
     # In the evaluated backbone's own space (a CLSP backbone was trained to agree with its candidates).
-    diag["candidate_label_agreement"], diag["view_label_agreement"] = agreement(f_train, f_cand, f_v2)
+    (diag["candidate_label_agreement"], diag["view_label_agreement"],
+     diag["neighbour_label_agreement"]) = agreement(f_train, f_cand, f_v2, f_nn, neighbour)
     if judge is not None:                                # in the independent judge's space
         jb = frozen_backbone(judge[1]["backbone"], judge[0], device)
-        _, f_v2_j, f_cand_j = embed(jb)
+        _, f_v2_j, f_cand_j, f_nn_j = embed(jb, neighbour)
         diag["judge"] = judge[0]
-        diag["candidate_label_agreement_judge"], diag["view_label_agreement_judge"] = agreement(
-            feats(jb, data["x_train"]), f_cand_j, f_v2_j)
+        (diag["candidate_label_agreement_judge"], diag["view_label_agreement_judge"],
+         diag["neighbour_label_agreement_judge"]) = agreement(feats(jb, data["x_train"]), f_cand_j, f_v2_j,
+                                                              f_nn_j, neighbour)
     diag["chance"] = 100 / data["C"]
     return diag
 
@@ -382,24 +405,26 @@ def print_table(result, method):
     tag = f"{c['data']['dataset']} -> {info['dataset']} (transfer)" if result["transfer"] else info["dataset"]
     rows = [(f"kNN top-1 (k {min(s['knn_k'], info['num_train'])}, T {s['knn_temp']})", f"{result['knn_top1']:6.2f} %"),
             (f"linear probe top-1 ({s['probe_epochs']} epochs)", f"{result['linear_top1']:6.2f} %")]
-    if diag:
-        rows += [(f"cos(view of anchor, view of candidate), {diag['anchors']} anchors x {diag['K']}",
-                  f"{diag['cos_anchor_candidate']:6.3f}"),
-                 ("cos(two views of an anchor)", f"{diag['cos_two_views']:6.3f}"),
-                 ("candidates whose kNN class = anchor's label", f"{diag['candidate_label_agreement']:6.2f} %"),
-                 ("views of the anchor whose kNN class = label", f"{diag['view_label_agreement']:6.2f} %")]
-        if "judge" in diag:
-            rows += [("  the same, judged by the SimCLR baseline:", ""),
-                     ("  candidates whose kNN class = anchor's label",
-                      f"{diag['candidate_label_agreement_judge']:6.2f} %"),
-                     ("  views of the anchor whose kNN class = label", f"{diag['view_label_agreement_judge']:6.2f} %"),
-                     ("  (chance)", f"{diag['chance']:6.2f} %")]
     width = max(len(r[0]) for r in rows)
     print(f"\nevaluation of {c['path']} ({method}, lam {c['lam']}, epoch {c['epoch']}) on {tag}")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     print(f"  kNN top-1 by k at T {KNN_GRID_TEMP}, as the authors report it, chosen on the test set "
           f"(optimistic): " + "  ".join(f"k {k}: {v:.2f}" for k, v in result["knn_top1_by_k_chosen_on_test"].items()))
+    if diag:
+        judged = "judge" in diag
+        pct = lambda key: f"{diag[key]:5.1f} %" if key in diag else "    -  "
+        print(f"\n  the positives of {diag['anchors']} anchors, each beside a view of its anchor (views augmented as "
+              f"in training):\n  {'':<34} {'cosine':>7}  {'kNN class = anchor label':>24}  {'true label':>10}"
+              f"\n  {'':<34} {'':>7}  {'this backbone' + (' / judge' if judged else ''):>24}")
+        for name, cos, key, true in [("another view of the anchor", "cos_two_views", "view", None),
+                                     (f"a synthetic candidate (of K = {diag['K']})", "cos_anchor_candidate",
+                                      "candidate", None),
+                                     ("its nearest neighbour (NNCLR's)", "cos_anchor_neighbour", "neighbour",
+                                      "neighbour_true_label_agreement")]:
+            agree = pct(f"{key}_label_agreement") + (f" / {pct(key + '_label_agreement_judge')}" if judged else "")
+            print(f"  {name:<34} {diag[cos]:7.3f}  {agree:>24}  {pct(true) if true else '':>10}")
+        print(f"  (chance {diag['chance']:.1f} %{'; judge: ' + diag['judge'] if judged else ''})")
     if info["num_classes"] < 2:
         print("  (a single class: every accuracy above is 100 % by construction and means nothing)")
     if result["note"]:
@@ -407,23 +432,25 @@ def print_table(result, method):
 
 
 def print_all_results(folder):
-    """Every eval*.json in the folder as one Markdown table: after the README's quick block,
-    runs/eval.json (CLSP) and runs/eval_lam0.json (SimCLR) side by side, ready for a report."""
+    """Every eval*.json in the folder as one Markdown table: after the README's quick block, CLSP beside
+    the SimCLR baseline and the SimCLR-aug control (and any MoCo runs), ready for a report."""
     rows = []
     for path in sorted(glob.glob(os.path.join(folder, "eval*.json"))):
         try:
             with open(path) as f:
                 r = json.load(f)
             c = r["made_from"]["checkpoint"]
-            method = "SimCLR" if c["lam"] == 0 else f"CLSP, lam {c['lam']}"
-            rows.append((os.path.basename(path), c["path"], method, str(c["epoch"]), r["data"]["dataset"],
+            rows.append((os.path.basename(path), c["path"], method_name(c["settings"]), str(c["lam"]),
+                         str(c["epoch"]), r["data"]["dataset"],
                          f"{r['knn_top1']:.2f}", f"{r['linear_top1']:.2f}"))
         except (OSError, ValueError, KeyError, TypeError):
             continue                                       # not an evaluate.py result: left out
+    order = ["SimCLR", "SimCLR-aug", "CLSP-SimCLR", "MoCo", "MoCo-aug", "CLSP-MoCo"]   # the paper's table
+    rows.sort(key=lambda r: (order.index(r[2]), r[0]))
     if len(rows) > 1:
         print(f"\nall results in {folder}:\n")
-        print("| file | checkpoint | method | epochs | evaluated on | kNN top-1 % | linear top-1 % |")
-        print("|---|---|---|---|---|---|---|")
+        print("| file | checkpoint | method | lam | epochs | evaluated on | kNN top-1 % | linear top-1 % |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
 

@@ -186,7 +186,8 @@ def bench_generate(table, device, opts):
 
 
 def bench_clsp(table, device, opts):
-    """Stage 3: clsp.make_train_step, B real images -> [v1; v2; s] = 3B views, forward, backward, SGD."""
+    """Stage 3: clsp.make_train_step, B real images -> [v1; v2; s] = 3B views, forward, backward, SGD;
+    then clsp.make_moco_step, the same on MoCo-v2."""
     sz, amp = opts.sz, common.autocast_dtype("auto", device)
     B, S, N, K = sz["clsp_batch"], sz["img"], sz["clsp_images"], 2
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format   # as clsp.py
@@ -225,6 +226,37 @@ def bench_clsp(table, device, opts):
                   + compile_note(first, compiled))
         if opts.profile and "3" in opts.profile and name == rows[-1][0]:
             profile(lambda: step(*batch(), 1e-12), device, f"stage 3, {name}")
+
+    # CLSP on MoCo-v2 (clsp.make_moco_step, as clsp.py --base moco runs it): each view through the query
+    # encoder on its own, two more through the key encoder, the queues on the device, at MoCo's batch.
+    Bm, ref = sz["moco_batch"], None
+
+    def moco_batch():
+        i = torch.randint(0, N, (Bm,), device=device)
+        return x_train[i], clsp.pick_candidates(synthetic, i)
+
+    for name, dtype, compiled, lay in rows:
+        net, opt = new_net(lay)
+        key_net = copy.deepcopy(net).requires_grad_(False)
+        queue = clsp.KeyQueue(sz["moco_queue"], 256, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        step = clsp.make_moco_step(net, key_net, queue, opt, scaler, dict(lam=0.5, tau=0.2, positive="synthetic"),
+                                   mean, std, dtype, compiled, lay)
+        torch.manual_seed(1)
+        x, s = moco_batch()
+        if ref is None:
+            saved = queue.keys.clone(), queue.ptr
+            flops_moco = common.count_flops(lambda: step(x, s, 1e-12, 0.99))
+            queue.keys.copy_(saved[0])
+            queue.ptr = saved[1]
+            torch.manual_seed(1)
+            x, s = moco_batch()
+        losses, first = first_call(lambda: [v.item() for v in step(x, s, 1e-12, 0.99).values()])
+        loss = losses[0] + losses[1]
+        ref = loss if ref is None else ref
+        sec = timed(lambda: step(*moco_batch(), 1e-12, 0.99), sz["iters"], sz["warmup"], device)
+        table.add("3 CLSP-MoCo step", name, 3 * Bm, sec, flops_moco, f"loss {loss:.5f} (plain {ref:.5f})"
+                  + compile_note(first, compiled))
 
     # The augmentation alone (random parameters + apply_augment, as clsp.py does it): its share of a
     # step, eager and compiled as clsp.py compiles it.
@@ -327,10 +359,11 @@ def profile(fn, device, title):
 
 SIZES = {  # the real shapes on a GPU; tiny ones on a CPU, where only "it runs" is being checked
     "cuda": dict(img=32, ch=64, ch_mult=(1, 2, 2, 2), attn_res=16, ddpm_batch=128, gen_batch=2048,
-                 clsp_batch=1024, clsp_images=20_000, feat_batch=1024, iters=20, warmup=5,
+                 clsp_batch=1024, clsp_images=20_000, moco_batch=512, moco_queue=32768, feat_batch=1024,
+                 iters=20, warmup=5,
                  workers=min(16, os.cpu_count() or 1)),
     "cpu": dict(img=16, ch=32, ch_mult=(1, 2), attn_res=8, ddpm_batch=4, gen_batch=4, clsp_batch=4,
-                clsp_images=16, feat_batch=4, iters=1, warmup=0, workers=0),
+                clsp_images=16, moco_batch=4, moco_queue=8, feat_batch=4, iters=1, warmup=0, workers=0),
 }
 
 

@@ -7,19 +7,20 @@
 #                                             # missing and the machine is online)
 #
 # Order: the DDPM, its candidates, the SimCLR baseline (lam 0) first, so that it can judge the
-# candidates, then CLSP (lam 1), then both evaluations (kNN k 200 T 0.1 and the linear probe), with the
-# same DDPM, candidates, epochs and seed. Each stage runs under its own time limit in seconds, so a slow
+# candidates, then the SimCLR-aug control (a third augmented view instead of a candidate), then CLSP
+# (lam 1), then the three evaluations (kNN k 200 T 0.1 and the linear probe), with the same DDPM,
+# candidates, epochs and seed. Each stage runs under its own time limit in seconds, so a slow
 # stage cannot eat the others' time: a stage stopped by its limit gets SIGTERM and saves where it is. A
 # cut DDPM or CLSP run goes on as it is (the results then say "unfinished", and a comparison of
 # unfinished runs is marked as not like for like); a cut candidate set leaves nothing for CLSP, whose
-# stages are then skipped. The default limits add up to 570 s, under a 10-minute device call; size them
+# stages are then skipped. The default limits add up to 565 s, under a 10-minute device call; size them
 # (and the flags) from a measured run. It exits 1 if a stage failed other than by its time limit.
 #
 # Settings, all optional environment variables:
 #   PRESET=quick          the preset of every stage
 #   DDPM_FLAGS, GEN_FLAGS, CLSP_FLAGS, EVAL_FLAGS   extra flags per script, e.g. DDPM_FLAGS="--steps 6000"
 #   SEEDS="0"             CLSP and SimCLR seeds, e.g. SEEDS="0 1" for two of each
-#   T_DDPM=240 T_GEN=120 T_CLSP=75 T_EVAL=30 T_BENCH=420   the time limits (seconds)
+#   T_DDPM=180 T_GEN=100 T_CLSP=70 T_EVAL=25 T_BENCH=420   the time limits (seconds)
 #   BENCH=0               1: run tests/benchmark.py --more first (stages BENCH_STAGES=123)
 #   WORK=/tmp/clsp_quick  where runs/ lives (not under OUT: only the six result files come back)
 #   PY=python3
@@ -61,19 +62,21 @@ if [ "${BENCH:-0}" = 1 ]; then
     stage benchmark "${T_BENCH:-420}" $PY "$REPO/tests/benchmark.py" --stages "${BENCH_STAGES:-123}" --more
 fi
 rm -rf "$WORK/runs"
-stage ddpm "${T_DDPM:-240}" $PY "$REPO/ddpm.py" --preset "$PRESET" "${DATA_FLAGS[@]}" ${DDPM_FLAGS:-}
-stage generate "${T_GEN:-120}" $PY "$REPO/generate.py" --preset "$PRESET" ${GEN_FLAGS:-}
+stage ddpm "${T_DDPM:-180}" $PY "$REPO/ddpm.py" --preset "$PRESET" "${DATA_FLAGS[@]}" ${DDPM_FLAGS:-}
+stage generate "${T_GEN:-100}" $PY "$REPO/generate.py" --preset "$PRESET" ${GEN_FLAGS:-}
 [ -f "$WORK/runs/synthetic.pt" ] || echo "=== no runs/synthetic.pt (generate was cut or failed): CLSP is skipped" | tee -a "$LOG"
 for seed in $SEEDS; do
-    stage "clsp lam 0 seed $seed" "${T_CLSP:-75}" $PY "$REPO/clsp.py" --preset "$PRESET" --lam 0 --seed "$seed" \
+    stage "clsp lam 0 seed $seed" "${T_CLSP:-70}" $PY "$REPO/clsp.py" --preset "$PRESET" --lam 0 --seed "$seed" \
         --out "runs/clsp_lam0_s$seed.pt" ${CLSP_FLAGS:-}
-    [ -f "$WORK/runs/synthetic.pt" ] && stage "clsp lam 1 seed $seed" "${T_CLSP:-75}" $PY "$REPO/clsp.py" \
+    stage "clsp aug seed $seed" "${T_CLSP:-70}" $PY "$REPO/clsp.py" --preset "$PRESET" --positive view \
+        --seed "$seed" --out "runs/clsp_aug_s$seed.pt" ${CLSP_FLAGS:-}
+    [ -f "$WORK/runs/synthetic.pt" ] && stage "clsp lam 1 seed $seed" "${T_CLSP:-70}" $PY "$REPO/clsp.py" \
         --preset "$PRESET" --seed "$seed" --out "runs/clsp_s$seed.pt" ${CLSP_FLAGS:-}
 done
 for seed in $SEEDS; do
-    for ckpt in "clsp_lam0_s$seed" "clsp_s$seed"; do
+    for ckpt in "clsp_lam0_s$seed" "clsp_aug_s$seed" "clsp_s$seed"; do
         [ -f "$WORK/runs/$ckpt.pt" ] || continue
-        stage "evaluate $ckpt" "${T_EVAL:-30}" $PY "$REPO/evaluate.py" --preset "$PRESET" --checkpoint "runs/$ckpt.pt" \
+        stage "evaluate $ckpt" "${T_EVAL:-25}" $PY "$REPO/evaluate.py" --preset "$PRESET" --checkpoint "runs/$ckpt.pt" \
             --judge "runs/clsp_lam0_s$seed.pt" --out "runs/eval_$ckpt.json" ${EVAL_FLAGS:-}
     done
 done
@@ -102,7 +105,7 @@ lines += [f"| total | | {sum(s['seconds'] for s in stages):.1f} |", "",
 epochs = {(r["made_from"]["checkpoint"]["epoch"], r["made_from"]["checkpoint"]["finished"]) for r in evals.values()}
 for name, r in evals.items():
     c, d = r["made_from"]["checkpoint"], r.get("synthetic_diagnostics") or {}
-    lines.append(f"| {name} | {'SimCLR' if c['lam'] == 0 else 'CLSP, lam ' + str(c['lam'])} | {c['epoch']} | "
+    lines.append(f"| {name} | {r.get('method')} (lam {c['lam']}) | {c['epoch']} | "
                  f"{c['finished']} | {r['knn_top1']:.2f} | {r['linear_top1']:.2f} | "
                  f"{d.get('candidate_label_agreement_judge', float('nan')):.2f} | "
                  f"{d.get('view_label_agreement_judge', float('nan')):.2f} |")

@@ -296,7 +296,7 @@ def test_small_run_prints_both_losses_and_writes_the_artifact(small):
 def test_lam0_needs_no_ddpm_or_synthetic(tmp_path):
     make_image_folder(str(tmp_path / "data"), n_train=4, n_test=2, size=8)
     proc = run("clsp.py", *SMALL, "--lam", "0", "--dataset", "folder", "--data-dir", "data", cwd=tmp_path)
-    assert "SimCLR baseline" in proc.stdout and "L_clsp" not in proc.stdout
+    assert "SimCLR: 16 training images" in proc.stdout and "L_clsp" not in proc.stdout
     assert sorted(os.listdir(tmp_path / "runs")) == ["clsp.pt"]
     ckpt = torch.load(tmp_path / "runs" / "clsp.pt", weights_only=True)
     assert ckpt["synthetic"] is None and ckpt["finished"] and ckpt["settings"]["lam"] == 0.0

@@ -484,15 +484,16 @@ class CompileFails:
         raise RuntimeError("triton compilation failed: fake error for the test\ndetails")
 
 
-@pytest.mark.parametrize("script", ["ddpm", "clsp", "generate"])
+@pytest.mark.parametrize("script", ["ddpm", "clsp", "moco", "generate"])
 def test_a_failing_compile_goes_on_eagerly_with_the_same_results(chain, tmp_path, monkeypatch, capsys, script):
     import clsp
     import ddpm
     import generate
-    root = chain.copy_upto("generate.py" if script == "clsp" else "ddpm.py", tmp_path)
+    root = chain.copy_upto("generate.py" if script in ("clsp", "moco") else "ddpm.py", tmp_path)
     monkeypatch.chdir(root)
-    main = {"ddpm": ddpm.main, "clsp": clsp.main, "generate": generate.main}[script]
-    flags = ["--preset", "tiny", "--device", "cpu"] + (["--dataset", "folder", "--data-dir", chain.data] if script == "ddpm" else [])
+    main = {"ddpm": ddpm.main, "clsp": clsp.main, "moco": clsp.main, "generate": generate.main}[script]
+    flags = ["--preset", "tiny", "--device", "cpu"] + {"ddpm": ["--dataset", "folder", "--data-dir", chain.data],
+                                                        "moco": ["--base", "moco", "--epochs", "1"]}.get(script, [])
     main(flags + ["--no-compile", "--out", "runs/eager.pt"])
     monkeypatch.setattr(torch, "compile", CompileFails)
     capsys.readouterr()
@@ -501,7 +502,9 @@ def test_a_failing_compile_goes_on_eagerly_with_the_same_results(chain, tmp_path
     assert "failed (RuntimeError: triton compilation failed: fake error for the test); going on without compiling" \
         in out and out.count("note: the compiled") == 1, out
     a, b = (torch.load(f"runs/{f}.pt", weights_only=True) for f in ("eager", "fallback"))
-    for key in {"ddpm": ["model", "ema"], "clsp": ["backbone", "head"], "generate": ["images"]}[script]:
+    keys = {"ddpm": ["model", "ema"], "clsp": ["backbone", "head"], "moco": ["backbone", "head", "key", "queue"],
+            "generate": ["images"]}
+    for key in keys[script]:
         weights = a[key] if isinstance(a[key], dict) else {"": a[key]}
         other = b[key] if isinstance(b[key], dict) else {"": b[key]}
         assert all(torch.equal(weights[k], other[k]) for k in weights), key
