@@ -484,15 +484,18 @@ def knn_predict(f_query, f_train, y_train, num_classes, k, temp, exclude=None, c
     """Weighted kNN: class = argmax_c sum_{j in top-k(i)} exp(cos(f_i, f_j) / temp) [y_j = c].
 
     exclude[i] (optional) is a training index left out of query i's neighbours (an anchor, when the
-    query is its own synthetic candidate: otherwise the anchor would vote for itself).
+    query is its own synthetic candidate: otherwise the anchor would vote for itself), or a row of
+    indices, exclude [n, m], to leave out several.
     """
     f_train = F.normalize(f_train.float(), dim=1)
-    k = min(k, f_train.shape[0] - (exclude is not None))    # the tiny data has 64 training images
+    if exclude is not None and exclude.dim() == 1:
+        exclude = exclude[:, None]
+    k = min(k, f_train.shape[0] - (0 if exclude is None else exclude.shape[1]))   # the tiny data: 64 images
     preds = []
     for i in range(0, f_query.shape[0], chunk):             # [chunk, N] similarities at a time
         sim = F.normalize(f_query[i:i + chunk].float(), dim=1) @ f_train.T
         if exclude is not None:
-            sim.scatter_(1, exclude[i:i + chunk, None], -math.inf)
+            sim.scatter_(1, exclude[i:i + chunk], -math.inf)
         sim_k, idx = sim.topk(k, dim=1)                      # the k most similar training images
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
         votes.scatter_add_(1, y_train[idx], (sim_k / temp).exp())
@@ -600,8 +603,7 @@ def main(argv=None):
     ckpt = None
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
         ckpt, s = load_for_resume(args.out, "backbone", explicit, FREE_ON_RESUME,
-                                  command("clsp.py", args, "--out", args.out))
-        s = {**DEFAULTS, **s}                     # (a checkpoint from before MoCo: SimCLR, candidates)
+                                  command("clsp.py", args, "--out", args.out), DEFAULTS)
         if ckpt["finished"]:
             print(f"{args.out} already finished all {ckpt['epoch']} epochs; nothing to do", flush=True)
             return
@@ -642,7 +644,8 @@ def main(argv=None):
             return make_train_step(net, opt, scaler, s, mean, std, amp, compiled)
         train_step = make_step(compiled)
         if compiled:          # a compile or CUDA-graph failure on this GPU: one sentence, then eager
-            train_step = with_eager_fallback(train_step, lambda: make_step(False), "training step", device)
+            train_step = with_eager_fallback(train_step, lambda: make_step(False), "training step", device,
+                                             modules=[m for m in (net, key_net) if m is not None])
         # a checkpoint holds the weights and SGD's momentum, and MoCo's key encoder and queues
         require_free_space(args.out, tensor_bytes(net.state_dict().values()) + tensor_bytes(net.parameters()) + (
             0 if key_net is None else tensor_bytes([*key_net.state_dict().values(), queue.keys])))
@@ -678,8 +681,8 @@ def main(argv=None):
 
         net.train()
         step = train(train_step, x_train, synthetic, s, step, end_of_epoch, stop, progress)
-        if stop.requested:
-            save(step)                            # at a step boundary: a stop in the last step still finishes
+        if stop.requested and step < s["epochs"] * steps_per_epoch:   # (a stop in the last step: finished)
+            save(step)                            # at a step boundary: weights, momentum and RNG agree
             raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); saved "
                              f"{args.out}: continue with {command('clsp.py', args, '--resume', '--out', args.out)}")
     print(f"wrote {args.out} ({method}, {s['epochs']} epoch{'s' * (s['epochs'] != 1)})", flush=True)

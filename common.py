@@ -48,10 +48,12 @@ def _quit_quietly(hint):
     return handler
 
 
-# The scripts import this file before PyTorch, which takes seconds to load: run as a script of this
-# project (not imported by a test), a Ctrl-C or SIGTERM from here on is one sentence, not a traceback.
-if os.path.dirname(os.path.abspath(getattr(sys.modules["__main__"], "__file__", "") or "")) == \
-        os.path.dirname(os.path.abspath(__file__)):
+# The scripts import this file before PyTorch, which takes seconds to load: when one of them is the
+# program being run (not imported by a test or a notebook), a Ctrl-C or SIGTERM from here on is one
+# sentence, not a traceback.
+_main = getattr(sys.modules["__main__"], "__file__", None)
+if _main and os.path.basename(_main) in ("ddpm.py", "generate.py", "clsp.py", "evaluate.py") and \
+        os.path.dirname(os.path.abspath(_main)) == os.path.dirname(os.path.abspath(__file__)):
     for _sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_sig, _quit_quietly("nothing was written yet: run the same command again"))
 
@@ -189,17 +191,22 @@ def compile_enabled(flag, device):
     return True
 
 
-def with_eager_fallback(compiled_fn, make_eager_fn, what, device):
+def with_eager_fallback(compiled_fn, make_eager_fn, what, device, modules=()):
     """compiled_fn, made safe: if a call raises (a compile error, a Triton or CUDA-graph problem on this
     GPU), one sentence says so, and the same call runs again with make_eager_fn()'s function, from the
-    same random state, then and from then on: the run goes on, with the same results, only slower.
-    (The steps compile only what computes: forward, backward, augmentation; nothing is updated before
-    the compiled part returns, so the call can be repeated.)"""
+    same random state and the same buffers of `modules` (BatchNorm's running statistics, which a compiled
+    forward may have updated before a later compiled part failed), then and from then on: the run goes
+    on, with the same results, only slower. (The weights, the optimiser and MoCo's key encoder and queue
+    are updated only after the compiled parts return, so the call can be repeated.)"""
     current = [compiled_fn]
+    buffers = [b for m in modules for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
 
     def call(*args, **kwargs):
         if current[0] is compiled_fn:
             rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+            if buffers:
+                torch._foreach_copy_(saved, buffers)        # one multi-tensor copy a step
             try:
                 return compiled_fn(*args, **kwargs)
             except (torch.cuda.OutOfMemoryError, KeyboardInterrupt, SystemExit):
@@ -212,6 +219,8 @@ def with_eager_fallback(compiled_fn, make_eager_fn, what, device):
                 torch.set_rng_state(rng[0])
                 if rng[1] is not None:
                     torch.cuda.set_rng_state(rng[1], device)
+                if buffers:
+                    torch._foreach_copy_(buffers, saved)
         return current[0](*args, **kwargs)
     return call
 
@@ -391,7 +400,7 @@ def claim_output(*paths):
     save of these paths left behind are removed."""
     locks = []
     try:
-        for p in paths:
+        for p in dict.fromkeys(paths):      # each once: the same picture named twice is one file
             locks.append((p, lock_file(p)))
             for tmp in glob.glob(glob.escape(p) + ".tmp*"):
                 os.remove(tmp)              # ours: the lock says no other run writes this path
@@ -426,7 +435,8 @@ def lock_file(path):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.close()
-            fail(f"another run is writing {path} right now; wait for it to end, or pass another --out")
+            fail(f"another run is writing {path} right now; wait for it to end, or write elsewhere (another --out, "
+                 f"or another path for that picture)")
         # The run before us removes the file when it ends; if it did so between our open and our lock,
         # we hold a lock on a file nobody else sees: then lock the file that is there now instead.
         with contextlib.suppress(OSError):
@@ -509,15 +519,17 @@ def refuse_to_overwrite(path, how_to_continue):
         fail(f"{path} already exists; {how_to_continue}, write elsewhere with --out, or delete it to start over")
 
 
-def load_for_resume(path, must_have, explicit, free, remedy):
-    """--resume: the checkpoint and its own settings, so the run ends exactly where it would have.
-    Only the settings in `free` (paths, logging) may be changed by a flag; any other is refused."""
+def load_for_resume(path, must_have, explicit, free, remedy, defaults):
+    """--resume: the checkpoint and its own settings, so the run ends exactly where it would have (a
+    setting added to the script after the checkpoint was made takes its default). Only the settings in
+    `free` (paths, logging) may be changed by a flag; any other is refused."""
     ckpt = load_artifact(path, (must_have, "settings", "data", "step", "optimizer"), "a checkpoint to resume", remedy)
-    clash = {k: v for k, v in explicit.items() if k not in free and ckpt["settings"].get(k) != v}
+    settings = {**defaults, **ckpt["settings"]}
+    clash = {k: v for k, v in explicit.items() if k not in free and settings.get(k) != v}
     if clash:
         fail(f"--resume continues {path} with its own settings, but you asked for {clash}; "
              f"drop those flags, or start a new run without --resume")
-    return ckpt, {**ckpt["settings"], **{k: v for k, v in explicit.items() if k in free}}
+    return ckpt, {**settings, **{k: v for k, v in explicit.items() if k in free}}
 
 
 def training_state(opt, scaler, device):
@@ -697,12 +709,13 @@ class Progress:
         self.last = now
 
 
-def _heartbeat(progress_ref, compiled, every):
-    """`... still compiling, 1m15s so far` every `every` seconds until the compile is done (or the run
-    has ended: only a weak reference to its Progress is kept)."""
+def _heartbeat(progress_ref, compiled, every, give_up=3600):
+    """`... still compiling, 1m15s so far` every `every` seconds until the compile is done, or the run has
+    ended (only a weak reference to its Progress is kept), or an hour has passed (a failed run whose
+    traceback is kept, in a notebook say, keeps its Progress alive: it must not talk forever)."""
     while not compiled.wait(every):
         progress = progress_ref()
-        if progress is None:
+        if progress is None or time.perf_counter() - progress.t_start > give_up:
             return
         print(f"  ... still compiling, {fmt_time(time.perf_counter() - progress.t_start)} so far", flush=True)
         progress.last = time.perf_counter()

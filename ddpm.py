@@ -452,7 +452,7 @@ def main(argv=None):
     ckpt = None
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
         ckpt, s = load_for_resume(args.out, "ema", explicit, FREE_ON_RESUME,
-                                  command("ddpm.py", args, "--out", args.out))
+                                  command("ddpm.py", args, "--out", args.out), DEFAULTS)
     check_settings(s)
     x_train, classes, info = training_images(s, ckpt, args)
     samples_png = args.samples or beside(args.out, "_samples.png")
@@ -467,9 +467,10 @@ def main(argv=None):
         train_step = make_train_step(model, ema, opt, scaler, abar, s, amp, compiled)
         if compiled:          # a compile or CUDA-graph failure on this GPU: one sentence, then eager
             train_step = with_eager_fallback(train_step, lambda: make_train_step(model, ema, opt, scaler, abar, s, amp),
-                                             "training step", device)
+                                             "training step", device)   # (GroupNorm keeps no running statistics)
         # model, EMA, Adam's two moments: about 4 copies of the weights in each checkpoint
-        require_free_space(args.out, 2 * tensor_bytes(model.state_dict().values()) + 2 * tensor_bytes(model.parameters()))
+        require_free_space(args.out, 2 * tensor_bytes(model.state_dict().values())
+                           + 2 * tensor_bytes(model.parameters()))
         progress = Progress(s["steps"], step, "step", s["batch_size"],
                             flops_per_image(model, s, device) * s["batch_size"], peak_flops(device),
                             warming=compiled, on_nan=f"the last good checkpoint {args.out} "

@@ -237,7 +237,8 @@ def main(argv=None):
         diag = None
         if syn is not None:
             t0 = sync_time(device)
-            diag = diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, ckpt["settings"].get("base", "simclr"))
+            base = ckpt["settings"].get("base", "simclr")           # its augmentation: SimCLR's or MoCo's
+            diag = diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base)
             times["diagnostics"] = sync_time(device) - t0
         times["total"] = time.perf_counter() - t_start
 
@@ -346,42 +347,47 @@ def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simcl
     x_anchor, cand = data["x_train"][anchor], images[pick].flatten(0, 1).to(device)   # n and n*K images
     feats = lambda net, x, prepare=None: features(net, x, data["mean"], data["std"], amp, s["batch_size"], prepare)
 
-    def embed(net, neighbour):
-        """Features of two views of each anchor, one of each candidate and one of each anchor's nearest
-        neighbour, the same draws every call."""
-        g_aug = torch.Generator(device).manual_seed(s["seed"])
-        views = lambda x: augment(x, s["image_size"], data["mean"], data["std"], generator=g_aug, base=base)
-        return [feats(net, x, prepare=views) for x in (x_anchor, x_anchor, cand, data["x_train"][neighbour])]
+    def views(x, seed):
+        """Features of augmented views of x, the same draws for every backbone (a generator per call)."""
+        g_aug = torch.Generator(device).manual_seed(seed)
+        return lambda net: feats(net, x, lambda xb: augment(xb, s["image_size"], data["mean"], data["std"],
+                                                            generator=g_aug, base=base))
 
-    def agreement(f_bank, f_cand, f_view, f_nn, neighbour):
-        """The share (%) of candidates, views and neighbours whose kNN class is the anchor's label."""
-        knn = lambda f, exclude: knn_predict(f, f_bank, y_train, data["C"], s["knn_k"], s["knn_temp"], exclude=exclude)
+    def embed(net):
+        """Two views of each anchor and one of each candidate."""
+        return [views(x, s["seed"] + i)(net) for i, x in enumerate((x_anchor, x_anchor, cand))]
+
+    def agreement(f_bank, f_cand, f_view, f_nn):
+        """The share (%) of candidates, views and neighbours whose kNN class is the anchor's label: each
+        query's own anchor left out of the vote, and a neighbour's own image too."""
+        knn = lambda f, exclude: knn_predict(f, f_bank, y_train, data["C"], s["knn_k"], s["knn_temp"],
+                                             exclude=exclude)
         return [100 * (knn(f, exclude) == y_train[a]).float().mean().item()
-                for f, exclude, a in ((f_cand, anchor_k, anchor_k), (f_view, anchor, anchor), (f_nn, neighbour, anchor))]
+                for f, exclude, a in ((f_cand, anchor_k, anchor_k), (f_view, anchor, anchor),
+                                      (f_nn, torch.stack([neighbour, anchor], 1), anchor))]
 
-    # NNCLR's positive: the nearest training image to a view of the anchor, the anchor itself left out.
-    g_aug = torch.Generator(device).manual_seed(s["seed"])
-    f_view = feats(backbone, x_anchor, lambda x: augment(x, s["image_size"], data["mean"], data["std"],
-                                                         generator=g_aug, base=base))
-    sim = F.normalize(f_view, dim=1) @ F.normalize(f_train, dim=1).T
+    f_v1, f_v2, f_cand = embed(backbone)
+    # NNCLR's positive: the training image nearest to view 1 of the anchor (the anchor itself left out);
+    # NNCLR pairs it with view 2, so that is the cosine reported, as two views are compared with each other.
+    sim = F.normalize(f_v1, dim=1) @ F.normalize(f_train, dim=1).T
     sim[torch.arange(len(anchor), device=device), anchor] = -math.inf
     neighbour = sim.argmax(dim=1)
-
-    f_v1, f_v2, f_cand, f_nn = embed(backbone, neighbour)
+    nn_views = views(data["x_train"][neighbour], s["seed"] + 3)
+    f_nn = nn_views(backbone)
     cos = lambda a, b: F.cosine_similarity(a, b).mean().item()
     diag = dict(anchors=len(pick), K=K, cos_anchor_candidate=cos(f_v1.repeat_interleave(K, dim=0), f_cand),
-                cos_two_views=cos(f_v1, f_v2), cos_anchor_neighbour=cos(f_v1, f_nn),
+                cos_two_views=cos(f_v1, f_v2), cos_anchor_neighbour=cos(f_v2, f_nn),
                 neighbour_true_label_agreement=100 * (y_train[neighbour] == y_train[anchor]).float().mean().item())
     # In the evaluated backbone's own space (a CLSP backbone was trained to agree with its candidates).
     (diag["candidate_label_agreement"], diag["view_label_agreement"],
-     diag["neighbour_label_agreement"]) = agreement(f_train, f_cand, f_v2, f_nn, neighbour)
+     diag["neighbour_label_agreement"]) = agreement(f_train, f_cand, f_v2, f_nn)
     if judge is not None:                                # in the independent judge's space
         jb = frozen_backbone(judge[1]["backbone"], judge[0], device)
-        _, f_v2_j, f_cand_j, f_nn_j = embed(jb, neighbour)
+        _, f_v2_j, f_cand_j = embed(jb)
         diag["judge"] = judge[0]
         (diag["candidate_label_agreement_judge"], diag["view_label_agreement_judge"],
          diag["neighbour_label_agreement_judge"]) = agreement(feats(jb, data["x_train"]), f_cand_j, f_v2_j,
-                                                              f_nn_j, neighbour)
+                                                              nn_views(jb))
     diag["chance"] = 100 / data["C"]
     return diag
 

@@ -394,4 +394,4 @@ def flops_per_sampler_step(unet, image_size, device):
 
 if __name__ == "__main__":
     run_main(main, sys.argv[1:], "rerun with a smaller --batch-size",
-             "the finished batches are kept in <out>.parts/: rerun the same command to resume")
+             "the finished batches are kept in the .parts folder beside --out: rerun the same command to resume")

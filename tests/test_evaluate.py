@@ -35,7 +35,7 @@ def knn_reference(f_query, f_train, y_train, num_classes, k, temp, exclude=None)
         q = f_query[i].double()
         sims = []
         for j in range(f_train.shape[0]):
-            if exclude is not None and j == int(exclude[i]):
+            if exclude is not None and j in exclude[i].view(-1).tolist():
                 continue
             t = f_train[j].double()
             sims.append((float(q @ t / (q.norm() * t.norm())), int(y_train[j])))
@@ -62,6 +62,10 @@ def test_knn_matches_float64_brute_force(k, temp):
     exclude = torch.randint(0, 60, (40,), generator=g)
     got = knn_predict(f_query, f_train, y_train, C, k, temp, exclude=exclude, chunk=16)
     assert torch.equal(got, knn_reference(f_query, f_train, y_train, C, k, temp, exclude))
+    # Two left out per query (a nearest neighbour and its anchor, in evaluate.py's diagnostics).
+    exclude2 = torch.stack([exclude, (exclude + 1 + torch.randint(0, 58, (40,), generator=g)) % 60], 1)
+    got = knn_predict(f_query, f_train, y_train, C, k, temp, exclude=exclude2, chunk=16)
+    assert torch.equal(got, knn_reference(f_query, f_train, y_train, C, k, temp, exclude2))
 
 
 def test_knn_excluded_point_never_votes():

@@ -5,6 +5,7 @@ clone), where the case went wrong: a wrong result without a word, lost work, a r
 failure. They run the scripts as a user does, or main() in this process where a fault is injected.
 """
 
+import copy
 import glob
 import json
 import os
@@ -391,7 +392,8 @@ def test_the_cache_never_stands_in_for_changed_images(tmp_path):
         for c in range(2):
             (d / split / f"c{c}").mkdir(parents=True)
             for i in range(3):                                # BMP: the same size for every 16x16 image
-                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / split / f"c{c}" / f"{i}.bmp")
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / split / f"c{c}" / f"{i}.bmp")
     x1, y1, classes = common.load_dataset("folder", str(d), "train", 16)
     target, other = d / "train" / "c0" / "0.bmp", d / "train" / "c1" / "2.bmp"
     st = os.stat(target)
@@ -508,3 +510,70 @@ def test_a_failing_compile_goes_on_eagerly_with_the_same_results(chain, tmp_path
         weights = a[key] if isinstance(a[key], dict) else {"": a[key]}
         other = b[key] if isinstance(b[key], dict) else {"": b[key]}
         assert all(torch.equal(weights[k], other[k]) for k in weights), key
+
+
+# ---- A review of the above ---------------------------------------------------------------------------
+
+def test_a_repeated_call_after_a_failed_compile_keeps_batchnorm_statistics_and_randomness():
+    """A compiled forward can update BatchNorm's running statistics and draw random numbers before a later
+    compiled part fails (MoCo's key encoder is compiled apart from the query encoder): the eager repeat
+    must start from the state before the failed call, or the run would not give the eager results."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(3)
+    x = torch.randn(8, 3)
+
+    def step():
+        bn(x + torch.rand(1))                             # a draw, then BatchNorm's update
+        return bn.running_mean.clone()
+
+    def half_compiled():
+        step()
+        raise RuntimeError("CUDA graph capture failed")   # after the buffers and the RNG moved
+
+    eager_bn = copy.deepcopy(bn)
+    torch.manual_seed(1)
+    want = step()
+    bn.load_state_dict(eager_bn.state_dict())
+    torch.manual_seed(1)
+    got = common.with_eager_fallback(half_compiled, lambda: step, "test step", torch.device("cpu"), [bn])()
+    assert torch.equal(got, want) and int(bn.num_batches_tracked) == 1
+
+
+def test_the_start_up_handler_is_only_for_the_four_scripts(tmp_path):
+    """Imported from a notebook, `python -c` or another script, Ctrl-C stays a KeyboardInterrupt."""
+    code = "import signal, common; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    for cwd in (REPO, os.path.join(REPO, "tests")):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO})
+        assert proc.stdout.strip() == "True", (cwd, proc.stdout, proc.stderr)
+
+
+def test_a_stop_during_the_last_save_is_a_finished_run(tmp_path, tiny_data, monkeypatch):
+    """Ctrl-C while the final checkpoint is written: the run is finished, not 'interrupted ... --resume'."""
+    import clsp
+    monkeypatch.chdir(tmp_path)
+    real_save = clsp.atomic_save
+
+    def save_then_ctrl_c(obj, path):
+        real_save(obj, path)
+        if obj.get("finished"):
+            os.kill(os.getpid(), signal.SIGINT)           # StopFlag's handler: a stop request
+    monkeypatch.setattr(clsp, "atomic_save", save_then_ctrl_c)
+    clsp.main([*tiny(tiny_data, "--lam", "0", "--knn-every", "0"), "--device", "cpu"])   # returns: no SystemExit
+    assert torch.load("runs/clsp.pt", weights_only=True)["finished"]
+
+
+def test_resume_of_a_checkpoint_older_than_a_setting_takes_its_default(tmp_path, tiny_data, monkeypatch):
+    """A checkpoint from before --base existed continues as what it was (SimCLR); naming that default
+    explicitly is no clash."""
+    import clsp
+    monkeypatch.chdir(tmp_path)
+    flags = [*tiny(tiny_data, "--lam", "0", "--knn-every", "0"), "--device", "cpu", "--epochs", "2"]
+    with pytest.raises(SystemExit, match="interrupted"):
+        clsp.main(flags + ["--stop-after-epoch", "1"])
+    old = torch.load("runs/clsp.pt", weights_only=True)
+    for key in ("base", "positive", "queue", "key_momentum", "key_momentum_end"):
+        del old["settings"][key]
+    torch.save(old, "runs/clsp.pt")
+    clsp.main(["--resume", "--base", "simclr", "--device", "cpu"])
+    assert torch.load("runs/clsp.pt", weights_only=True)["finished"]

@@ -97,7 +97,8 @@ def test_the_queue_is_a_ring_of_the_latest_keys():
     for b, (k1, k2) in enumerate(batches[:3], start=1):
         queue.push(k1, k2)
         assert queue.ptr == (2 * b) % 6
-    assert queue.keys[0, :, 0].tolist() == [1, 1, 2, 2, 3, 3] and queue.keys[1, :, 0].tolist() == [-1, -1, -2, -2, -3, -3]
+    assert queue.keys[0, :, 0].tolist() == [1, 1, 2, 2, 3, 3]
+    assert queue.keys[1, :, 0].tolist() == [-1, -1, -2, -2, -3, -3]
     queue.push(*batches[3])                                 # the fourth batch replaces the first
     assert queue.keys[0, :, 0].tolist() == [4, 4, 2, 2, 3, 3] and queue.ptr == 2
 
