@@ -40,7 +40,7 @@ Speed: the whole data set (real and synthetic, uint8) lives on the GPU and the a
 batched tensor code there, so no DataLoader sits on the hot path (the airbench recipe). Goal: one
 CIFAR-10 epoch (50,000 images x 3 views, batch 1024) in at most 2 s on one H100, i.e. the authors'
 1000 epochs in well under an hour (theirs: ~6 h on 4 GPUs). GPU times are not yet measured. The tiny
-preset (64 images at 16x16, 2 epochs) takes 6 to 8 s on a 2-core CPU, any of the six methods.
+preset (64 images at 16x16, 2 epochs) takes 5 to 8 s on a 2-core CPU, any of the six methods.
 """
 
 import argparse
@@ -679,6 +679,9 @@ def main(argv=None):
             if done == args.stop_after_epoch and done < s["epochs"]:
                 stop.requested = True             # as if Ctrl-C were pressed now (to try --resume)
 
+        if compiled:
+            print(f"compiling the training step (the first steps take "
+                  f"{'about a minute' if device.type == 'cuda' else 'minutes on a CPU'})...", flush=True)
         net.train()
         step = train(train_step, x_train, synthetic, s, step, end_of_epoch, stop, progress)
         if stop.requested and step < s["epochs"] * steps_per_epoch:   # (a stop in the last step: finished)

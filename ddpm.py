@@ -21,7 +21,7 @@ Reads:  the training images (--dataset cifar10 | cifar100 | folder, --data-dir);
         the test images the later stages need are there.
 Writes: runs/ddpm.pt (raw + EMA weights, optimiser, step, settings; checkpointed as it trains)
         runs/ddpm_samples.png (an 8x8 grid of DDIM samples from the EMA weights; named after --out).
-Time:   tiny: 5.6 s on a 2-core CPU (the whole command). On a GPU: not yet measured with the compiled
+Time:   tiny: 5.5 s on a 2-core CPU (the whole command). On a GPU: not yet measured with the compiled
         training step.
 
 Read top to bottom: the settings, the forward process, the UNet, DDIM sampling, the training step and

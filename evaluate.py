@@ -37,7 +37,7 @@ Reads:  runs/clsp.pt (--checkpoint), the images of --dataset (default: the check
         optional, the diagnostics' independent judge).
 Writes: runs/eval.json (--out): every number, the settings, and what it was made from; prints a table,
         and, when runs/ holds several results, all of them as one Markdown table.
-Time:   the tiny preset takes 3.7 s on a 2-core CPU. On a GPU the cost is one forward pass over 110,000
+Time:   the tiny preset takes 4.0 s on a 2-core CPU. On a GPU the cost is one forward pass over 110,000
         CIFAR images plus ~20,000 tiny probe steps (not yet measured on its own).
 """
 

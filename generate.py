@@ -30,14 +30,14 @@ The whole loop, line by line (`interpolated_ddim_sample` below is exactly this):
     python generate.py --w 1                        # plain unconditional DDIM samples, for comparison
 
 Reads:  runs/ddpm.pt (the EMA weights; its data set and image size are the defaults here) and the
-        training images (the anchors, in the order ddpm.load_dataset gives them).
+        training images (the anchors, in the order common.load_dataset gives them).
 Writes: runs/synthetic.pt: images uint8 [N, K, 3, S, S], candidate k of training image i is images[i, k];
         runs/synthetic_preview.png: each row an anchor (first column) and its K candidates;
         runs/synthetic_w_sweep.png: anchors sampled with w = 0, 0.1, 0.25, 0.5, 1 (columns labelled);
         the pictures are named after --out. While it runs, finished batches are kept in
         runs/synthetic.pt.parts/, so an interrupted run, restarted with the same command, resumes where
         it stopped, and the result is the one an uninterrupted run gives.
-Time:   tiny: 5.9 s on an idle 2-core CPU. On a GPU: not yet measured (the goal is the
+Time:   tiny: 4.7 s on an idle 2-core CPU. On a GPU: not yet measured (the goal is the
         full standard set, 400,000 images x 100 steps, in at most 10 minutes on one H100).
 """
 

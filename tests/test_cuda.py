@@ -54,3 +54,18 @@ def test_compiled_train_step_through_cuda_graphs_matches_eager():
     eager, compiled = steps(False, 1), steps(True, 6)
     assert abs(compiled[0] - eager[0]) < 0.02 * eager[0], (compiled[0], eager[0])
     assert all(torch.isfinite(torch.tensor(compiled))) and compiled[-1] < compiled[0]
+
+
+def test_moco_and_the_control_on_the_gpu(tmp_path, tiny_data):
+    """CLSP-MoCo compiled (two compiled encoders, the queues on the GPU) and SimCLR-aug, then evaluated."""
+    flags = ["--preset", "tiny", "--dataset", "folder", "--data-dir", tiny_data, "--device", "cuda"]
+    for script in ("ddpm.py", "generate.py"):
+        run(script, *flags, cwd=tmp_path, gpu=True)
+    run("clsp.py", *flags, "--base", "moco", "--compile", "--out", "runs/clsp_moco.pt", cwd=tmp_path, gpu=True)
+    run("clsp.py", *flags, "--positive", "view", "--out", "runs/clsp_aug.pt", cwd=tmp_path, gpu=True)
+    for name in ("clsp_moco", "clsp_aug"):
+        run("evaluate.py", *flags, "--checkpoint", f"runs/{name}.pt", "--out", f"runs/eval_{name}.json",
+            cwd=tmp_path, gpu=True)
+        assert json.load(open(tmp_path / "runs" / f"eval_{name}.json"))["method"] in ("CLSP-MoCo", "SimCLR-aug")
+    ckpt = torch.load(tmp_path / "runs" / "clsp_moco.pt", weights_only=True)
+    assert ckpt["finished"] and ckpt["queue"].shape == (2, 64, 256) and "rng_cuda" in ckpt
