@@ -85,8 +85,8 @@ PRESETS = {
     # seconds on a CPU (64 images at 16x16 after the tiny ddpm/generate): shows the loop works, numbers
     # mean nothing. The architecture is the real one: a toy head would test a different program.
     "tiny": dict(image_size=16, epochs=2, batch_size=32, warmup_epochs=1, knn_every=1, queue=64),
-    # Part of the ~10 minute quick pipeline (two runs: lam = 0 and lam = 1). At the 3 s/epoch goal, 30
-    # epochs are ~1.5 min a run; batch 512 gives twice the optimiser steps of 1024 in so short a run, and
+    # Part of the ~10 minute quick pipeline (three runs: SimCLR, SimCLR-aug, CLSP). At the 3 s/epoch goal,
+    # 30 epochs are ~1.5 min a run; batch 512 gives twice the optimiser steps of 1024 in so short a run, and
     # a 10% warm-up replaces the authors' 10 of 1000 epochs. Time not yet measured on a GPU.
     "quick": dict(epochs=30, batch_size=512, warmup_epochs=3, knn_every=10),
     "standard": dict(),
