@@ -45,6 +45,17 @@ def run(script, *args, cwd, check=True, timeout=600, gpu=False):
     return proc
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: on a busy 2-core machine, two OpenMP threads per op made the probe tests 100x slower
+    (100 ms per step instead of 1 ms) than one thread. Used by the modules of small-tensor unit tests."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A tiny image folder: 4 classes x 16 training and 4 test images, 32x32."""

@@ -14,14 +14,7 @@ from clsp import knn_predict
 from evaluate import linear_probe
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a busy 2-core machine, two OpenMP threads per op made the probe tests
-    100x slower (100 ms per step instead of 1 ms) than one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny tensors, one thread
 
 
 # ------------------------------------------------------------------------------------------------

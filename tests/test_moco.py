@@ -23,13 +23,7 @@ from conftest import make_image_folder, run
 import clsp
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one OpenMP thread is faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: tiny tensors, one thread
 
 
 def unit(n, d, seed):
