@@ -4,7 +4,8 @@ The other test files check the training steps against themselves (compiled again
 uninterrupted), so a mistake made on both sides passes them. Here each step runs on a stand-in network
 small enough that the recipe can be written out by hand in float64: Ho et al.'s Algorithm 1 with Adam,
 clipping and the EMA (ddpm.make_train_step); SimCLR's NT-Xent plus the CLSP term with SGD, momentum and
-weight decay (clsp.make_train_step); both learning-rate schedules; and the authors' linear probe
+weight decay (clsp.make_train_step); the same term on MoCo-v2, with its key encoder's momentum update and
+its queues (clsp.make_moco_step); both learning-rate schedules; and the authors' linear probe
 (evaluate.linear_probe). The references share only the random draws with the code: they reseed torch and
 draw in the order the step draws (read from the code), and the augmentation itself, which has its own test
 against torchvision in test_clsp.py, is applied with clsp's functions.
@@ -347,6 +348,90 @@ def test_clsp_lr_warms_up_to_the_scaled_peak_then_falls_as_a_cosine_to_zero(batc
     assert 0 < clsp.lr_at(49, s, spe) < 0.01 * peak               # the last step is nearly at 0
     s0 = dict(s, warmup_epochs=0)                                   # no warm-up: the cosine from step 0
     assert clsp.lr_at(0, s0, spe) == pytest.approx(peak) and clsp.lr_at(25, s0, spe) == pytest.approx(peak / 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 3 on MoCo-v2: one step of the MoCo loss + lam * the CLSP term, the key encoder and the queues
+# ------------------------------------------------------------------------------------------------
+
+def moco_net():
+    """views -> Flatten -> Linear(3HW, 12) -> BatchNorm1d(12): cheap to write out, and the BatchNorm shows
+    whether each view went through the encoder on its own (the authors' way)."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * H * W, 12), nn.BatchNorm1d(12))
+
+
+def encode64(weight, bias, gamma, beta, v):
+    """normalize(BN(Linear(v))) in float64, BatchNorm over this batch (training mode)."""
+    h = v.flatten(1).double() @ weight.T + bias
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * gamma + beta
+    return h / h.norm(dim=1, keepdim=True)
+
+
+def info_nce64(q, k, queue, tau):
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / tau
+    return (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+
+
+@pytest.mark.parametrize("third", ["candidate", None])
+def test_moco_step_equals_the_recipe(third):
+    """Two steps of clsp.make_moco_step against the recipe: views from one draw of MoCo's augmentation
+    parameters, each view through the query encoder on its own, the keys from the key encoder, the
+    symmetric loss against the queues as they were before the step, the CLSP term on q1 and q3, SGD with
+    momentum and weight decay, then k <- m k + (1 - m) q and the keys into the queues.
+
+    Catches: the key encoder updated before the step or with the weights swapped, the queue updated
+    before the loss (a batch among its own negatives), keys with a gradient, the views through one
+    BatchNorm, a one-sided loss, the CLSP term on keys or without its weight."""
+    B, Q, lam, tau, lr, wd = 4, 8, 0.5, 0.2, 0.3, 1e-3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g)
+    x3 = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g) if third else None
+    mean, std = torch.tensor([0.5, 0.45, 0.4]), torch.tensor([0.25, 0.25, 0.3])
+    net = moco_net()
+    key_net = copy.deepcopy(net).requires_grad_(False)
+    torch.manual_seed(1)
+    queue = clsp.KeyQueue(Q, 12, "cpu")
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    s = dict(lam=lam, tau=tau, positive="synthetic")
+    step = clsp.make_moco_step(net, key_net, queue, opt, torch.amp.GradScaler("cpu", enabled=False), s, mean, std)
+
+    # The reference's state, in float64: query weights, key weights, momentum buffers, queues.
+    P = [p.detach().double().clone() for p in net.parameters()]            # weight, bias, gamma, beta
+    K = [p.detach().double().clone() for p in key_net.parameters()]
+    keys = queue.keys.double().clone()
+    buf = [None] * 4
+    for n, m in enumerate([0.9, 0.95]):
+        torch.manual_seed(10 + n)
+        losses = step(x, x3, lr, m)
+        torch.manual_seed(10 + n)                           # the same draws: MoCo's parameters, 2B or 3B
+        raw = torch.cat([x, x] + ([x3] if third else []))
+        p = clsp.sample_augment_params(raw.shape[0], H, W, "cpu", **clsp.AUGMENT["moco"])
+        views = clsp.apply_augment(raw, p, H, mean, std)
+        v1, v2, v3 = views[:B], views[B:2 * B], views[2 * B:]
+        Pg = [w.clone().requires_grad_() for w in P]
+        q1, q2 = encode64(*Pg, v1), encode64(*Pg, v2)
+        k1, k2 = encode64(*K, v1), encode64(*K, v2)
+        l_moco = (info_nce64(q1, k2, keys[1], tau) + info_nce64(q2, k1, keys[0], tau)) / 2
+        loss = l_moco
+        if third:
+            q3 = encode64(*Pg, v3)
+            loss = loss + lam * ((q1 - q3) ** 2).sum(1).mean()
+        grads = torch.autograd.grad(loss, Pg)
+        for i, (w, gr) in enumerate(zip(P, grads)):          # SGD: d = g + wd w; buf = 0.9 buf + d; w -= lr buf
+            d = gr + wd * w
+            buf[i] = d if buf[i] is None else 0.9 * buf[i] + d
+            P[i] = w - lr * buf[i]
+        K = [m * kw + (1 - m) * qw for kw, qw in zip(K, P)]  # after the step, towards the new weights
+        keys[0, n * B:(n + 1) * B], keys[1, n * B:(n + 1) * B] = k1, k2
+
+        assert losses["L_moco"].item() == pytest.approx(l_moco.item(), rel=1e-5), n
+        assert ("L_clsp" in losses) == bool(third)
+        for got, want in [(net.parameters(), P), (key_net.parameters(), K)]:
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.detach().double(), b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(queue.keys.double(), keys, rtol=1e-4, atol=1e-6)
+        assert queue.ptr == (n + 1) * B % Q
 
 
 # ------------------------------------------------------------------------------------------------
