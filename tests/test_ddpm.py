@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import ddpm
 from conftest import REPO, run
 
@@ -160,26 +159,6 @@ def test_ddim_timesteps():
     assert steps[:3] == [999, 989, 979] and steps[-1] == 9 and len(steps) == 100
 
 
-# ---- data --------------------------------------------------------------------------------------
-
-def test_folder_loader(tiny_data):
-    x, y, classes = common.load_dataset("folder", tiny_data, "train", 16)
-    assert x.dtype == torch.uint8 and x.shape == (64, 3, 16, 16)
-    assert classes == ["class0", "class1", "class2", "class3"] and torch.equal(torch.bincount(y), torch.full((4,), 16))
-    x2, y2, _ = common.load_dataset("folder", tiny_data, "train", 16)          # second time: from the cache
-    assert torch.equal(x, x2) and torch.equal(y, y2)
-
-
-def test_cifar_offline_gives_a_clear_error(tmp_path, monkeypatch):
-    import torchvision
-
-    def no_network(*args, **kwargs):
-        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
-    with pytest.raises(SystemExit, match="could not find or download cifar10.*--dataset folder"):
-        common.load_dataset("cifar10", str(tmp_path), "train")
-
-
 # ---- ddpm.py as a user runs it -----------------------------------------------------------------
 
 def tiny(data, *extra):
@@ -198,23 +177,6 @@ def test_cli_tiny_writes_a_safe_artifact_and_a_picture(chain):
     from PIL import Image
     img = Image.open(os.path.join(root, "runs", "ddpm_samples.png"))
     assert img.size == (8 * 66 + 2, 8 * 66 + 2)        # 8x8 tiles of 16 px, enlarged 4x, with 2-px borders
-
-
-def test_out_of_gpu_memory_is_one_sentence_that_says_what_to_change():
-    def main(argv):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    with pytest.raises(SystemExit, match=r"^error: out of GPU memory .*; rerun with a smaller --batch-size$"):
-        common.run_main(main, [], "rerun with a smaller --batch-size")
-
-
-def test_autocast_dtype_follows_the_gpu(monkeypatch):
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")   # a device object needs no GPU
-    assert common.autocast_dtype("auto", cpu) is None
-    for capability, dtype in [((7, 0), torch.float16), ((7, 5), torch.float16),      # V100, T4
-                              ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:   # A100, H100
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        assert common.autocast_dtype("auto", gpu) == dtype
-    assert [common.autocast_dtype(p, gpu) for p in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, None]
 
 
 def test_fp16_training_scales_the_loss(tmp_path, tiny_data):

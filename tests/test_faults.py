@@ -1,11 +1,13 @@
-"""Faults a user meets: data that changed, two runs at once, kills, full disks, wrong files, friction.
+"""Faults a user meets running the scripts: data or files that are not what they should be, two runs at
+once, kills and signals, full disks, hints to paste, a compile that fails, a checkpoint from an older version.
 
 Each test reproduces one case of a fault trial run on an earlier version (tiny preset, CPU, a fresh
 clone), where the case went wrong: a wrong result without a word, lost work, a raw traceback or a late
-failure. They run the scripts as a user does, or main() in this process where a fault is injected.
+failure. They run the scripts as a user does, or main() in this process where a fault is injected. The
+sections say what they check; the unit tests of the pieces of common.py these rest on (the lock, the
+folder cache, the progress lines, ...) are in test_common.py.
 """
 
-import copy
 import glob
 import json
 import os
@@ -42,34 +44,7 @@ def wait_for(condition, proc, seconds=120):
     assert condition(), "the run ended or stalled before the moment the test waits for"
 
 
-# ---- Wrong results without a word ------------------------------------------------------------------
-
-def test_labels_come_from_the_training_class_names(tmp_path):
-    """test/ without one of the training classes: the others keep the training split's numbers (they
-    shifted by one before, and evaluate.py reported 0 %)."""
-    d = make_image_folder(str(tmp_path / "d"))
-    shutil.rmtree(os.path.join(d, "test", "class1"))
-    _, y_train, classes = common.load_dataset("folder", d, "train", 16)
-    _, y_test, test_classes = common.load_dataset("folder", d, "test", 16)
-    assert classes == test_classes == ["class0", "class1", "class2", "class3"]
-    assert sorted(set(y_test.tolist())) == [0, 2, 3]
-
-
-def test_a_test_class_the_training_split_lacks_is_refused(tmp_path):
-    d = make_image_folder(str(tmp_path / "d"))
-    os.rename(os.path.join(d, "test", "class3"), os.path.join(d, "test", "zebra"))
-    with pytest.raises(SystemExit, match="zebra.*training folder of the same name"):
-        common.load_dataset("folder", d, "test", 16)
-
-
-def test_a_single_class_is_called_trivial(tmp_path, capsys):
-    d = make_image_folder(str(tmp_path / "d"))
-    for split in ("train", "test"):
-        for c in ("class1", "class2", "class3"):
-            shutil.rmtree(os.path.join(d, split, c))
-    common.load_dataset("folder", d, "train", 16)
-    assert "single class" in capsys.readouterr().out
-
+# ---- Wrong data and wrong files are refused before any work; the right data is found -----------------
 
 def test_another_folder_with_the_same_counts_is_refused(chain, tmp_path):
     """Same number of images and classes, other pixels: the fingerprint tells them apart."""
@@ -82,7 +57,42 @@ def test_another_folder_with_the_same_counts_is_refused(chain, tmp_path):
     assert not os.path.exists(os.path.join(root, "runs", "clsp.pt"))
 
 
-# ---- Work lost without a word -----------------------------------------------------------------------
+def test_a_missing_test_split_is_found_by_stage_1(tmp_path):
+    d = make_image_folder(str(tmp_path / "d"))
+    shutil.rmtree(os.path.join(d, "test"))
+    proc = run("ddpm.py", *tiny(d), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "test" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "runs" / "ddpm.pt")
+
+
+def test_a_file_that_is_not_an_artifact_is_refused(tmp_path, tiny_data):
+    torch.save(torch.zeros(3), tmp_path / "f.pt")            # a bare tensor, not a generate.py dict
+    proc = run("clsp.py", *tiny(tiny_data, "--synthetic", "f.pt"), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "f.pt is a Tensor, not a generate.py candidate set" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_baseline_with_unreadable_artifacts_says_so(tmp_path):
+    """clsp.py --lam 0 looked for its data in runs/synthetic.pt and runs/ddpm.pt, found neither readable,
+    fell back to CIFAR-10, and reported a failed download."""
+    (tmp_path / "runs").mkdir()
+    for name in ("synthetic.pt", "ddpm.pt"):
+        (tmp_path / "runs" / name).write_bytes(b"not an artifact")
+    proc = run("clsp.py", "--preset", "tiny", "--lam", "0", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "runs/synthetic.pt is there but is not a readable artifact" in proc.stderr
+    assert "download" not in proc.stderr and not os.path.exists(tmp_path / "data")
+
+
+def test_the_baseline_takes_its_data_from_the_artifacts(chain, tmp_path):
+    root = chain.copy_upto("generate.py", tmp_path)
+    proc = run("clsp.py", "--preset", "tiny", "--lam", "0", "--out", "runs/clsp_lam0.pt", cwd=root)
+    assert "as in runs/synthetic.pt" in proc.stdout
+    ckpt = torch.load(os.path.join(root, "runs", "clsp_lam0.pt"), weights_only=True)
+    syn = torch.load(os.path.join(root, "runs", "synthetic.pt"), weights_only=True)
+    assert ckpt["data"] == syn["data"] and ckpt["synthetic"] is None
+
+
+# ---- A second run never clobbers the first -----------------------------------------------------------
 
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path, tiny_data):
     first = popen("ddpm.py", *tiny(tiny_data, "--steps", "100000"), cwd=tmp_path)
@@ -107,27 +117,16 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, tiny_data):
     assert not os.path.exists(tmp_path / "runs" / "ddpm.pt.lock")   # removed when the run ended
 
 
-def test_a_lock_file_removed_while_it_is_being_taken_is_taken_anew(tmp_path, monkeypatch):
-    """Run A ends (removing its lock file) just after run B opened that file: B must not lock the removed
-    file, or a third run C, creating the file anew, would write at the same time as B."""
-    path = str(tmp_path / "x.pt")
-    a = common.claim_output(path)
-    a.__enter__()
-    opened = []
-
-    def open_then_a_ends(name, mode="r"):
-        f = open(name, mode)
-        if not opened:
-            a.__exit__(None, None, None)                 # A ends between B's open and B's lock
-        opened.append(name)
-        return f
-    monkeypatch.setattr(common, "open", open_then_a_ends, raising=False)
-    with common.claim_output(path):                        # B
-        monkeypatch.undo()
-        with pytest.raises(SystemExit, match="another run is writing"):
-            with common.claim_output(path):                # C
-                pass
-    assert len(opened) == 2                              # B took the lock file that was there
+def test_two_runs_never_write_one_picture_at_once(tmp_path, tiny_data):
+    first = popen("ddpm.py", *tiny(tiny_data, "--steps", "100000", "--out", "runs/a.pt"), cwd=tmp_path)
+    try:
+        wait_for(lambda: os.path.exists(tmp_path / "runs" / "a.pt.lock"), first)
+        proc = run("ddpm.py", *tiny(tiny_data, "--out", "runs/b.pt", "--samples", "runs/a_samples.png"),
+                   cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and "another run is writing runs/a_samples.png" in proc.stderr, proc.stderr
+    finally:
+        first.kill()
+        first.communicate()
 
 
 def test_pictures_go_beside_their_artifact(chain, tmp_path):
@@ -141,15 +140,17 @@ def test_pictures_go_beside_their_artifact(chain, tmp_path):
         ["syn2.pt", "syn2_preview.png", "syn2_w_sweep.png"]
 
 
-def test_stale_temporary_files_are_removed(tmp_path, tiny_data):
-    (tmp_path / "runs").mkdir()
-    for name in ("ddpm.pt.tmp4242", "ddpm_samples.png.tmp4242.png"):
-        (tmp_path / "runs" / name).write_bytes(b"x" * 1000)     # a save killed mid-write
-    run("ddpm.py", *tiny(tiny_data), cwd=tmp_path)
-    assert sorted(os.listdir(tmp_path / "runs")) == ["ddpm.pt", "ddpm_samples.png"]
+def test_only_a_pt_artifact_names_pictures(chain, tmp_path):
+    """runs/ddpm.ckpt and runs/ddpm would both have named runs/ddpm_samples.png, runs/ddpm.pt's picture."""
+    root = chain.copy_upto("ddpm.py", tmp_path)
+    before = open(os.path.join(root, "runs", "ddpm_samples.png"), "rb").read()
+    for out in ("runs/ddpm.ckpt", "runs/ddpm"):
+        proc = run("ddpm.py", *tiny(chain.data, "--out", out), cwd=root, check=False)
+        assert proc.returncode != 0 and f"--out {out} must end in .pt" in proc.stderr, proc.stderr
+    assert open(os.path.join(root, "runs", "ddpm_samples.png"), "rb").read() == before
 
 
-# ---- Raw tracebacks and late failures ---------------------------------------------------------------
+# ---- A write that cannot be done is found before the work, and never damages the previous file -------
 
 def test_an_out_that_cannot_be_written_fails_before_the_first_step(tmp_path, tiny_data):
     (tmp_path / "runs").write_text("a file, not a folder")
@@ -158,6 +159,20 @@ def test_an_out_that_cannot_be_written_fails_before_the_first_step(tmp_path, tin
         assert proc.returncode != 0 and "cannot write runs/x.pt" in proc.stderr, proc.stderr
         assert "runs is a file, not a folder" in proc.stderr and "File exists" not in proc.stderr   # issue 19
         assert "Traceback" not in proc.stderr and "step " not in proc.stdout and "epoch " not in proc.stdout
+
+
+def test_a_disk_too_small_for_the_checkpoint_is_found_before_training(tmp_path, tiny_data, monkeypatch):
+    """clsp.py found a full disk only at its first checkpoint, an epoch later."""
+    import clsp
+    monkeypatch.chdir(tmp_path)
+    real = shutil.disk_usage
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: real(p)._replace(free=30_000_000))
+    steps = []
+    monkeypatch.setattr(clsp, "train", lambda *a, **k: steps.append(1))
+    with pytest.raises(SystemExit) as e:
+        clsp.main([*tiny(tiny_data, "--lam", "0"), "--device", "cpu"])
+    assert "runs/clsp.pt needs about" in str(e.value) and "30 MB are free" in str(e.value)
+    assert not steps and not os.path.exists("runs/clsp.pt")
 
 
 def test_a_full_disk_is_one_sentence_and_keeps_the_previous_artifact(chain, tmp_path, monkeypatch):
@@ -185,12 +200,15 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_previous_artifact(chain, tmp_
     assert not glob.glob("runs/*.tmp*")
 
 
-def test_a_file_that_is_not_an_artifact_is_refused(tmp_path, tiny_data):
-    torch.save(torch.zeros(3), tmp_path / "f.pt")            # a bare tensor, not a generate.py dict
-    proc = run("clsp.py", *tiny(tiny_data, "--synthetic", "f.pt"), cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "f.pt is a Tensor, not a generate.py candidate set" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_stale_temporary_files_are_removed(tmp_path, tiny_data):
+    (tmp_path / "runs").mkdir()
+    for name in ("ddpm.pt.tmp4242", "ddpm_samples.png.tmp4242.png"):
+        (tmp_path / "runs" / name).write_bytes(b"x" * 1000)     # a save killed mid-write
+    run("ddpm.py", *tiny(tiny_data), cwd=tmp_path)
+    assert sorted(os.listdir(tmp_path / "runs")) == ["ddpm.pt", "ddpm_samples.png"]
 
+
+# ---- Signals: one sentence, nothing lost -------------------------------------------------------------
 
 def test_ctrl_c_twice_is_one_sentence(tmp_path, tiny_data):
     proc = popen("clsp.py", *tiny(tiny_data, "--lam", "0", "--epochs", "1000"), cwd=tmp_path)
@@ -201,6 +219,19 @@ def test_ctrl_c_twice_is_one_sentence(tmp_path, tiny_data):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err and err.strip().startswith(("error:", "stopping")), err
     assert len([line for line in err.splitlines() if line.strip()]) <= 2, err
+
+
+@pytest.mark.parametrize("script,sig", [("clsp.py", signal.SIGINT), ("evaluate.py", signal.SIGTERM)])
+def test_a_signal_while_starting_is_one_sentence(tmp_path, tiny_data, script, sig):
+    """Importing PyTorch takes seconds: Ctrl-C then printed a KeyboardInterrupt traceback, and SIGTERM
+    ended the run without a word (exit 143)."""
+    proc = popen(script, *tiny(tiny_data, "--lam", "0") if script == "clsp.py" else tiny(tiny_data), cwd=tmp_path)
+    time.sleep(0.5)                                          # inside `import torch`
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().startswith("error: stopped by") and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
 
 
 def test_sigterm_stops_generate_after_a_batch_and_says_how_to_continue(chain, tmp_path):
@@ -214,99 +245,44 @@ def test_sigterm_stops_generate_after_a_batch_and_says_how_to_continue(chain, tm
     assert "batch_000000.pt" in os.listdir(parts)
 
 
-def test_a_missing_test_split_is_found_by_stage_1(tmp_path):
-    d = make_image_folder(str(tmp_path / "d"))
-    shutil.rmtree(os.path.join(d, "test"))
-    proc = run("ddpm.py", *tiny(d), cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "test" in proc.stderr and "Traceback" not in proc.stderr
-    assert not os.path.exists(tmp_path / "runs" / "ddpm.pt")
+def test_sigterm_after_the_last_batch_of_generate_says_how_to_finish(chain, tmp_path):
+    """During the w sweep (after the last batch) SIGTERM killed generate.py without a word (exit 143),
+    leaving its lock. Now: one sentence, the batches kept, and the same command finishes the set."""
+    root = chain.copy_upto("ddpm.py", tmp_path)
+    flags = ["--preset", "tiny", "--num-anchors", "8", "--K", "1", "--batch-size", "8", "--steps", "100"]
+    proc = popen("generate.py", *flags, cwd=root)
+    parts = os.path.join(root, "runs", "synthetic.pt.parts")
+    wait_for(lambda: os.path.exists(os.path.join(parts, "batch_000000.pt")), proc)   # the only batch: done
+    proc.send_signal(signal.SIGTERM)                        # now in the w sweep
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "rerun the same command to finish" in err, err
+    assert not os.path.exists(os.path.join(root, "runs", "synthetic.pt.lock"))
+    proc = run("generate.py", *flags, cwd=root)
+    assert "resuming: 1/1 batches" in proc.stdout and os.path.exists(os.path.join(root, "runs", "synthetic.pt"))
 
 
-def test_a_failed_download_leaves_no_folder(tmp_path, monkeypatch):
-    """Not even the parents it made: --data-dir a/b used to leave a/ behind (torchvision makes both)."""
-    import torchvision
+def test_a_stop_during_the_last_save_is_a_finished_run(tmp_path, tiny_data, monkeypatch):
+    """Ctrl-C while the final checkpoint is written: the run is finished, not 'interrupted ... --resume'."""
+    import clsp
+    monkeypatch.chdir(tmp_path)
+    real_save = clsp.atomic_save
 
-    def half_download(root, **kwargs):
-        os.makedirs(os.path.join(root, "cifar-10-batches-py"))
-        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", half_download)
-    with pytest.raises(SystemExit, match="could not find or download"):
-        common.load_dataset("cifar10", str(tmp_path / "nonexistent"), "train")
-    assert not os.path.exists(tmp_path / "nonexistent")
-    with pytest.raises(SystemExit, match="could not find or download"):
-        common.load_dataset("cifar10", str(tmp_path / "a" / "b"), "train")
-    assert os.listdir(tmp_path) == []
-    (tmp_path / "kept").mkdir()                              # a folder that was there before stays
-    with pytest.raises(SystemExit):
-        common.load_dataset("cifar10", str(tmp_path / "kept" / "b"), "train")
-    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
+    def save_then_ctrl_c(obj, path):
+        real_save(obj, path)
+        if obj.get("finished"):
+            os.kill(os.getpid(), signal.SIGINT)           # StopFlag's handler: a stop request
+    monkeypatch.setattr(clsp, "atomic_save", save_then_ctrl_c)
+    clsp.main([*tiny(tiny_data, "--lam", "0", "--knn-every", "0"), "--device", "cpu"])   # returns: no SystemExit
+    assert torch.load("runs/clsp.pt", weights_only=True)["finished"]
 
 
-# ---- A newcomer's friction --------------------------------------------------------------------------
-
-def test_no_file_of_the_project_cites_a_file_the_clone_lacks():
-    for path in glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "tests", "*.py")) + \
-            [os.path.join(REPO, "README.md")]:
-        text = open(path).read()
-        for name in ("METHOD" + ".md", "STYLE" + ".md", "../" + "shared"):
-            assert name not in text, (path, name)
-
-
-def test_a_gpu_preset_on_a_cpu_warns_and_points_at_tiny(tmp_path, tiny_data):
-    proc = run("ddpm.py", "--preset", "quick", "--dataset", "folder", "--data-dir", tiny_data, "--device", "cpu",
-               "--steps", "1", "--batch-size", "2", "--ch", "32", "--sample-steps", "1", cwd=tmp_path)
-    assert "warning: the quick preset is sized for a GPU" in proc.stdout and "--preset tiny" in proc.stdout
-
-
-def test_a_progress_line_is_due_within_seconds_whatever_log_every(monkeypatch):
-    now = [100.0]
-    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
-    progress = common.Progress(1000, 0, "step")
-    assert not progress.due()
-    now[0] += 6                                              # the first line within 5 s
-    assert progress.due()
-    progress.line(1)
-    now[0] += 20
-    assert not progress.due()
-    now[0] += 11                                             # then at least every 30 s
-    assert progress.due()
-
+# ---- Hints can be pasted as they are -----------------------------------------------------------------
 
 def test_hints_repeat_the_users_preset_and_data_flags(tmp_path, tiny_data):
     proc = run("generate.py", *tiny(tiny_data), cwd=tmp_path, check=False)
     assert f"run `python ddpm.py --preset tiny --dataset folder --data-dir {tiny_data}` first" in proc.stderr
 
-
-def test_the_baseline_takes_its_data_from_the_artifacts(chain, tmp_path):
-    root = chain.copy_upto("generate.py", tmp_path)
-    proc = run("clsp.py", "--preset", "tiny", "--lam", "0", "--out", "runs/clsp_lam0.pt", cwd=root)
-    assert "as in runs/synthetic.pt" in proc.stdout
-    ckpt = torch.load(os.path.join(root, "runs", "clsp_lam0.pt"), weights_only=True)
-    syn = torch.load(os.path.join(root, "runs", "synthetic.pt"), weights_only=True)
-    assert ckpt["data"] == syn["data"] and ckpt["synthetic"] is None
-
-
-def test_the_folder_cache_is_one_file_per_split_and_size(tmp_path):
-    d = make_image_folder(str(tmp_path / "d"))
-    x1, _, _ = common.load_dataset("folder", d, "train", 16)
-    image = os.path.join(d, "train", "class0", "000.png")
-    os.utime(image, (time.time() + 10, time.time() + 10))    # a file changed: the cache is rebuilt
-    x2, _, _ = common.load_dataset("folder", d, "train", 16)
-    common.load_dataset("folder", d, "train", 8)
-    assert torch.equal(x1, x2)
-    assert sorted(f for f in os.listdir(d) if f.startswith(".")) == [".clsp_cache_train_16px.pt",
-                                                                     ".clsp_cache_train_8px.pt"]
-
-
-def test_the_w_sweep_names_its_columns(chain):
-    from PIL import Image
-    img = Image.open(os.path.join(chain.upto("generate.py"), "runs", "synthetic_w_sweep.png")).convert("L")
-    header = torch.from_numpy(np.asarray(img)[:14].copy())
-    assert (header >= 250).float().mean() > 0.8            # a white header above the tiles ...
-    assert (header < 128).sum() > 50                       # ... with dark text on it: the w labels
-
-
-# ---- The README's promises, kept to the letter (a second fault trial) ------------------------------
 
 def pasted(hint_text):
     """The command inside the first `backticks` of a message, as a list of arguments (without python)."""
@@ -340,140 +316,13 @@ def test_every_hint_can_be_pasted_as_it_is(chain, tmp_path, monkeypatch):
     assert "sized for a GPU" not in proc.stdout and "wrote runs/c7.pt" in proc.stdout
 
 
-def test_only_a_pt_artifact_names_pictures(chain, tmp_path):
-    """runs/ddpm.ckpt and runs/ddpm would both have named runs/ddpm_samples.png, runs/ddpm.pt's picture."""
-    root = chain.copy_upto("ddpm.py", tmp_path)
-    before = open(os.path.join(root, "runs", "ddpm_samples.png"), "rb").read()
-    for out in ("runs/ddpm.ckpt", "runs/ddpm"):
-        proc = run("ddpm.py", *tiny(chain.data, "--out", out), cwd=root, check=False)
-        assert proc.returncode != 0 and f"--out {out} must end in .pt" in proc.stderr, proc.stderr
-    assert open(os.path.join(root, "runs", "ddpm_samples.png"), "rb").read() == before
+def test_a_gpu_preset_on_a_cpu_warns_and_points_at_tiny(tmp_path, tiny_data):
+    proc = run("ddpm.py", "--preset", "quick", "--dataset", "folder", "--data-dir", tiny_data, "--device", "cpu",
+               "--steps", "1", "--batch-size", "2", "--ch", "32", "--sample-steps", "1", cwd=tmp_path)
+    assert "warning: the quick preset is sized for a GPU" in proc.stdout and "--preset tiny" in proc.stdout
 
 
-def test_two_runs_never_write_one_picture_at_once(tmp_path, tiny_data):
-    first = popen("ddpm.py", *tiny(tiny_data, "--steps", "100000", "--out", "runs/a.pt"), cwd=tmp_path)
-    try:
-        wait_for(lambda: os.path.exists(tmp_path / "runs" / "a.pt.lock"), first)
-        proc = run("ddpm.py", *tiny(tiny_data, "--out", "runs/b.pt", "--samples", "runs/a_samples.png"),
-                   cwd=tmp_path, check=False)
-        assert proc.returncode != 0 and "another run is writing runs/a_samples.png" in proc.stderr, proc.stderr
-    finally:
-        first.kill()
-        first.communicate()
-
-
-def dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid                                          # ended, and (almost surely) not reused yet
-
-
-def test_a_cache_save_cut_short_leaves_no_temporary_file(tmp_path):
-    d = make_image_folder(str(tmp_path / "d"))
-    stale = os.path.join(d, f".clsp_cache_train_16px.pt.tmp{dead_pid()}")
-    live = os.path.join(d, f".clsp_cache_train_16px.pt.tmp{os.getppid()}")  # a live run that is saving it
-    for path in (stale, live):
-        open(path, "wb").write(b"x" * 1000)
-    common.load_dataset("folder", d, "train", 16)
-    assert not os.path.exists(stale) and os.path.exists(live)
-    os.remove(live)
-    open(stale, "wb").write(b"x" * 1000)
-    common.load_dataset("folder", d, "train", 16)            # the cache is valid: the temporary goes too
-    assert sorted(f for f in os.listdir(d) if f.startswith(".")) == [".clsp_cache_train_16px.pt"]
-
-
-def test_the_cache_never_stands_in_for_changed_images(tmp_path):
-    """A file replaced by another of the same size, with its old times (what `tar x` or `rsync -a` can
-    give): the data is what the files hold now, with its own fingerprint."""
-    from PIL import Image
-    d = tmp_path / "d"
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in range(2):
-            (d / split / f"c{c}").mkdir(parents=True)
-            for i in range(3):                                # BMP: the same size for every 16x16 image
-                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(d / split / f"c{c}" / f"{i}.bmp")
-    x1, y1, classes = common.load_dataset("folder", str(d), "train", 16)
-    target, other = d / "train" / "c0" / "0.bmp", d / "train" / "c1" / "2.bmp"
-    st = os.stat(target)
-    target.write_bytes(other.read_bytes())
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert os.path.getsize(target) == st.st_size
-    x2, y2, _ = common.load_dataset("folder", str(d), "train", 16)
-    assert torch.equal(x2[0], x1[-1]) and not torch.equal(x2, x1)
-    assert common.data_info("folder", x2, y2, classes) != common.data_info("folder", x1, y1, classes)
-
-
-@pytest.mark.parametrize("script,sig", [("clsp.py", signal.SIGINT), ("evaluate.py", signal.SIGTERM)])
-def test_a_signal_while_starting_is_one_sentence(tmp_path, tiny_data, script, sig):
-    """Importing PyTorch takes seconds: Ctrl-C then printed a KeyboardInterrupt traceback, and SIGTERM
-    ended the run without a word (exit 143)."""
-    proc = popen(script, *tiny(tiny_data, "--lam", "0") if script == "clsp.py" else tiny(tiny_data), cwd=tmp_path)
-    time.sleep(0.5)                                          # inside `import torch`
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in err, err
-    assert err.strip().startswith("error: stopped by") and len(err.strip().splitlines()) == 1, err
-    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
-
-
-def test_sigterm_after_the_last_batch_of_generate_says_how_to_finish(chain, tmp_path):
-    """During the w sweep (after the last batch) SIGTERM killed generate.py without a word (exit 143),
-    leaving its lock. Now: one sentence, the batches kept, and the same command finishes the set."""
-    root = chain.copy_upto("ddpm.py", tmp_path)
-    flags = ["--preset", "tiny", "--num-anchors", "8", "--K", "1", "--batch-size", "8", "--steps", "100"]
-    proc = popen("generate.py", *flags, cwd=root)
-    parts = os.path.join(root, "runs", "synthetic.pt.parts")
-    wait_for(lambda: os.path.exists(os.path.join(parts, "batch_000000.pt")), proc)   # the only batch: done
-    proc.send_signal(signal.SIGTERM)                        # now in the w sweep
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in err, err
-    assert "rerun the same command to finish" in err, err
-    assert not os.path.exists(os.path.join(root, "runs", "synthetic.pt.lock"))
-    proc = run("generate.py", *flags, cwd=root)
-    assert "resuming: 1/1 batches" in proc.stdout and os.path.exists(os.path.join(root, "runs", "synthetic.pt"))
-
-
-def test_a_compile_shows_it_is_alive(capsys):
-    """A CPU compile was silent for 257 s: now a line every few seconds until the first step is done."""
-    progress = common.Progress(10, 0, "step", warming=True, heartbeat=0.05)
-    time.sleep(0.3)
-    progress.warmed_up(1, "compile")
-    time.sleep(0.15)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) >= 3 and all("still compiling" in line and "so far" in line for line in lines)
-    time.sleep(0.2)
-    assert capsys.readouterr().out == ""                    # quiet once compiled
-    import logging
-    common.compile_enabled(True, torch.device("cpu"))       # and no "No CUDA runtime is found" on a CPU
-    assert logging.getLogger("torch.utils.cpp_extension").getEffectiveLevel() >= logging.ERROR
-
-
-def test_the_baseline_with_unreadable_artifacts_says_so(tmp_path):
-    """clsp.py --lam 0 looked for its data in runs/synthetic.pt and runs/ddpm.pt, found neither readable,
-    fell back to CIFAR-10, and reported a failed download."""
-    (tmp_path / "runs").mkdir()
-    for name in ("synthetic.pt", "ddpm.pt"):
-        (tmp_path / "runs" / name).write_bytes(b"not an artifact")
-    proc = run("clsp.py", "--preset", "tiny", "--lam", "0", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "runs/synthetic.pt is there but is not a readable artifact" in proc.stderr
-    assert "download" not in proc.stderr and not os.path.exists(tmp_path / "data")
-
-
-def test_a_disk_too_small_for_the_checkpoint_is_found_before_training(tmp_path, tiny_data, monkeypatch):
-    """clsp.py found a full disk only at its first checkpoint, an epoch later."""
-    import clsp
-    monkeypatch.chdir(tmp_path)
-    real = shutil.disk_usage
-    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: real(p)._replace(free=30_000_000))
-    steps = []
-    monkeypatch.setattr(clsp, "train", lambda *a, **k: steps.append(1))
-    with pytest.raises(SystemExit) as e:
-        clsp.main([*tiny(tiny_data, "--lam", "0"), "--device", "cpu"])
-    assert "runs/clsp.pt needs about" in str(e.value) and "30 MB are free" in str(e.value)
-    assert not steps and not os.path.exists("runs/clsp.pt")
-
+# ---- A compile that fails changes no result ----------------------------------------------------------
 
 class CompileFails:
     """torch.compile as a GPU without a working Triton or CUDA graphs gives it: compiling works, the first
@@ -512,56 +361,7 @@ def test_a_failing_compile_goes_on_eagerly_with_the_same_results(chain, tmp_path
         assert all(torch.equal(weights[k], other[k]) for k in weights), key
 
 
-# ---- A review of the above ---------------------------------------------------------------------------
-
-def test_a_repeated_call_after_a_failed_compile_keeps_batchnorm_statistics_and_randomness():
-    """A compiled forward can update BatchNorm's running statistics and draw random numbers before a later
-    compiled part fails (MoCo's key encoder is compiled apart from the query encoder): the eager repeat
-    must start from the state before the failed call, or the run would not give the eager results."""
-    torch.manual_seed(0)
-    bn = torch.nn.BatchNorm1d(3)
-    x = torch.randn(8, 3)
-
-    def step():
-        bn(x + torch.rand(1))                             # a draw, then BatchNorm's update
-        return bn.running_mean.clone()
-
-    def half_compiled():
-        step()
-        raise RuntimeError("CUDA graph capture failed")   # after the buffers and the RNG moved
-
-    eager_bn = copy.deepcopy(bn)
-    torch.manual_seed(1)
-    want = step()
-    bn.load_state_dict(eager_bn.state_dict())
-    torch.manual_seed(1)
-    got = common.with_eager_fallback(half_compiled, lambda: step, "test step", torch.device("cpu"), [bn])()
-    assert torch.equal(got, want) and int(bn.num_batches_tracked) == 1
-
-
-def test_the_start_up_handler_is_only_for_the_four_scripts(tmp_path):
-    """Imported from a notebook, `python -c` or another script, Ctrl-C stays a KeyboardInterrupt."""
-    code = "import signal, common; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
-    for cwd in (REPO, os.path.join(REPO, "tests")):
-        proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": REPO})
-        assert proc.stdout.strip() == "True", (cwd, proc.stdout, proc.stderr)
-
-
-def test_a_stop_during_the_last_save_is_a_finished_run(tmp_path, tiny_data, monkeypatch):
-    """Ctrl-C while the final checkpoint is written: the run is finished, not 'interrupted ... --resume'."""
-    import clsp
-    monkeypatch.chdir(tmp_path)
-    real_save = clsp.atomic_save
-
-    def save_then_ctrl_c(obj, path):
-        real_save(obj, path)
-        if obj.get("finished"):
-            os.kill(os.getpid(), signal.SIGINT)           # StopFlag's handler: a stop request
-    monkeypatch.setattr(clsp, "atomic_save", save_then_ctrl_c)
-    clsp.main([*tiny(tiny_data, "--lam", "0", "--knn-every", "0"), "--device", "cpu"])   # returns: no SystemExit
-    assert torch.load("runs/clsp.pt", weights_only=True)["finished"]
-
+# ---- A checkpoint from an older version still resumes ------------------------------------------------
 
 def test_resume_of_a_checkpoint_older_than_a_setting_takes_its_default(tmp_path, tiny_data, monkeypatch):
     """A checkpoint from before --base existed continues as what it was (SimCLR); naming that default
@@ -577,3 +377,21 @@ def test_resume_of_a_checkpoint_older_than_a_setting_takes_its_default(tmp_path,
     torch.save(old, "runs/clsp.pt")
     clsp.main(["--resume", "--base", "simclr", "--device", "cpu"])
     assert torch.load("runs/clsp.pt", weights_only=True)["finished"]
+
+
+# ---- What a newcomer reads is all there: no missing file, pictures that name their columns -----------
+
+def test_no_file_of_the_project_cites_a_file_the_clone_lacks():
+    for path in glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "tests", "*.py")) + \
+            [os.path.join(REPO, "README.md")]:
+        text = open(path).read()
+        for name in ("METHOD" + ".md", "STYLE" + ".md", "../" + "shared"):
+            assert name not in text, (path, name)
+
+
+def test_the_w_sweep_names_its_columns(chain):
+    from PIL import Image
+    img = Image.open(os.path.join(chain.upto("generate.py"), "runs", "synthetic_w_sweep.png")).convert("L")
+    header = torch.from_numpy(np.asarray(img)[:14].copy())
+    assert (header >= 250).float().mean() > 0.8            # a white header above the tiles ...
+    assert (header < 128).sum() > 50                       # ... with dark text on it: the w labels

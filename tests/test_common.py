@@ -1,0 +1,259 @@
+"""Tests of common.py, the plumbing the four stages share, called in this process on small inputs: the
+data sets (the image folder and its cache, CIFAR's offline error, labels numbered by the training classes),
+the data fingerprint, the seeded epoch order, the precision switch, one-sentence failures and the start-up
+signal handler, the lock on an output, the eager fallback of a failed compile, and the progress lines.
+
+The faults a user meets running a whole script (a second run at once, a kill, a full disk, a hint to
+paste) are in test_faults.py; this file checks the pieces of common.py those scripts are built from.
+"""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import REPO, make_image_folder
+
+
+# ---- The data sets: the image folder, CIFAR, labels from the training classes ------------------------
+
+def test_folder_loader(tiny_data):
+    x, y, classes = common.load_dataset("folder", tiny_data, "train", 16)
+    assert x.dtype == torch.uint8 and x.shape == (64, 3, 16, 16)
+    assert classes == ["class0", "class1", "class2", "class3"] and torch.equal(torch.bincount(y), torch.full((4,), 16))
+    x2, y2, _ = common.load_dataset("folder", tiny_data, "train", 16)          # second time: from the cache
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_labels_come_from_the_training_class_names(tmp_path):
+    """test/ without one of the training classes: the others keep the training split's numbers (they
+    shifted by one before, and evaluate.py reported 0 %)."""
+    d = make_image_folder(str(tmp_path / "d"))
+    shutil.rmtree(os.path.join(d, "test", "class1"))
+    _, y_train, classes = common.load_dataset("folder", d, "train", 16)
+    _, y_test, test_classes = common.load_dataset("folder", d, "test", 16)
+    assert classes == test_classes == ["class0", "class1", "class2", "class3"]
+    assert sorted(set(y_test.tolist())) == [0, 2, 3]
+
+
+def test_a_test_class_the_training_split_lacks_is_refused(tmp_path):
+    d = make_image_folder(str(tmp_path / "d"))
+    os.rename(os.path.join(d, "test", "class3"), os.path.join(d, "test", "zebra"))
+    with pytest.raises(SystemExit, match="zebra.*training folder of the same name"):
+        common.load_dataset("folder", d, "test", 16)
+
+
+def test_a_single_class_is_called_trivial(tmp_path, capsys):
+    d = make_image_folder(str(tmp_path / "d"))
+    for split in ("train", "test"):
+        for c in ("class1", "class2", "class3"):
+            shutil.rmtree(os.path.join(d, split, c))
+    common.load_dataset("folder", d, "train", 16)
+    assert "single class" in capsys.readouterr().out
+
+
+def test_cifar_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    with pytest.raises(SystemExit, match="could not find or download cifar10.*--dataset folder"):
+        common.load_dataset("cifar10", str(tmp_path), "train")
+
+
+def test_a_failed_download_leaves_no_folder(tmp_path, monkeypatch):
+    """Not even the parents it made: --data-dir a/b used to leave a/ behind (torchvision makes both)."""
+    import torchvision
+
+    def half_download(root, **kwargs):
+        os.makedirs(os.path.join(root, "cifar-10-batches-py"))
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", half_download)
+    with pytest.raises(SystemExit, match="could not find or download"):
+        common.load_dataset("cifar10", str(tmp_path / "nonexistent"), "train")
+    assert not os.path.exists(tmp_path / "nonexistent")
+    with pytest.raises(SystemExit, match="could not find or download"):
+        common.load_dataset("cifar10", str(tmp_path / "a" / "b"), "train")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "kept").mkdir()                              # a folder that was there before stays
+    with pytest.raises(SystemExit):
+        common.load_dataset("cifar10", str(tmp_path / "kept" / "b"), "train")
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
+
+
+# ---- The folder cache: one file per split and size, never stale, no temporary file left --------------
+
+def test_the_folder_cache_is_one_file_per_split_and_size(tmp_path):
+    d = make_image_folder(str(tmp_path / "d"))
+    x1, _, _ = common.load_dataset("folder", d, "train", 16)
+    image = os.path.join(d, "train", "class0", "000.png")
+    os.utime(image, (time.time() + 10, time.time() + 10))    # a file changed: the cache is rebuilt
+    x2, _, _ = common.load_dataset("folder", d, "train", 16)
+    common.load_dataset("folder", d, "train", 8)
+    assert torch.equal(x1, x2)
+    assert sorted(f for f in os.listdir(d) if f.startswith(".")) == [".clsp_cache_train_16px.pt",
+                                                                     ".clsp_cache_train_8px.pt"]
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid                                          # ended, and (almost surely) not reused yet
+
+
+def test_a_cache_save_cut_short_leaves_no_temporary_file(tmp_path):
+    d = make_image_folder(str(tmp_path / "d"))
+    stale = os.path.join(d, f".clsp_cache_train_16px.pt.tmp{dead_pid()}")
+    live = os.path.join(d, f".clsp_cache_train_16px.pt.tmp{os.getppid()}")  # a live run that is saving it
+    for path in (stale, live):
+        open(path, "wb").write(b"x" * 1000)
+    common.load_dataset("folder", d, "train", 16)
+    assert not os.path.exists(stale) and os.path.exists(live)
+    os.remove(live)
+    open(stale, "wb").write(b"x" * 1000)
+    common.load_dataset("folder", d, "train", 16)            # the cache is valid: the temporary goes too
+    assert sorted(f for f in os.listdir(d) if f.startswith(".")) == [".clsp_cache_train_16px.pt"]
+
+
+def test_the_cache_never_stands_in_for_changed_images(tmp_path):
+    """A file replaced by another of the same size, with its old times (what `tar x` or `rsync -a` can
+    give): the data is what the files hold now, with its own fingerprint."""
+    from PIL import Image
+    d = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(2):
+            (d / split / f"c{c}").mkdir(parents=True)
+            for i in range(3):                                # BMP: the same size for every 16x16 image
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / split / f"c{c}" / f"{i}.bmp")
+    x1, y1, classes = common.load_dataset("folder", str(d), "train", 16)
+    target, other = d / "train" / "c0" / "0.bmp", d / "train" / "c1" / "2.bmp"
+    st = os.stat(target)
+    target.write_bytes(other.read_bytes())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(target) == st.st_size
+    x2, y2, _ = common.load_dataset("folder", str(d), "train", 16)
+    assert torch.equal(x2[0], x1[-1]) and not torch.equal(x2, x1)
+    assert common.data_info("folder", x2, y2, classes) != common.data_info("folder", x1, y1, classes)
+
+
+# ---- Precision follows the device --------------------------------------------------------------------
+
+def test_autocast_dtype_follows_the_gpu(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")   # a device object needs no GPU
+    assert common.autocast_dtype("auto", cpu) is None
+    for capability, dtype in [((7, 0), torch.float16), ((7, 5), torch.float16),      # V100, T4
+                              ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:   # A100, H100
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert common.autocast_dtype("auto", gpu) == dtype
+    assert [common.autocast_dtype(p, gpu) for p in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, None]
+
+
+# ---- Failing clearly: one sentence, and Ctrl-C left alone outside the scripts ------------------------
+
+def test_out_of_gpu_memory_is_one_sentence_that_says_what_to_change():
+    def main(argv):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(SystemExit, match=r"^error: out of GPU memory .*; rerun with a smaller --batch-size$"):
+        common.run_main(main, [], "rerun with a smaller --batch-size")
+
+
+def test_the_start_up_handler_is_only_for_the_four_scripts(tmp_path):
+    """Imported from a notebook, `python -c` or another script, Ctrl-C stays a KeyboardInterrupt."""
+    code = "import signal, common; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    for cwd in (REPO, os.path.join(REPO, "tests")):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO})
+        assert proc.stdout.strip() == "True", (cwd, proc.stdout, proc.stderr)
+
+
+# ---- One run per output: the lock --------------------------------------------------------------------
+
+def test_a_lock_file_removed_while_it_is_being_taken_is_taken_anew(tmp_path, monkeypatch):
+    """Run A ends (removing its lock file) just after run B opened that file: B must not lock the removed
+    file, or a third run C, creating the file anew, would write at the same time as B."""
+    path = str(tmp_path / "x.pt")
+    a = common.claim_output(path)
+    a.__enter__()
+    opened = []
+
+    def open_then_a_ends(name, mode="r"):
+        f = open(name, mode)
+        if not opened:
+            a.__exit__(None, None, None)                 # A ends between B's open and B's lock
+        opened.append(name)
+        return f
+    monkeypatch.setattr(common, "open", open_then_a_ends, raising=False)
+    with common.claim_output(path):                        # B
+        monkeypatch.undo()
+        with pytest.raises(SystemExit, match="another run is writing"):
+            with common.claim_output(path):                # C
+                pass
+    assert len(opened) == 2                              # B took the lock file that was there
+
+
+# ---- A failed compile: the eager repeat starts from the state before it ------------------------------
+
+def test_a_repeated_call_after_a_failed_compile_keeps_batchnorm_statistics_and_randomness():
+    """A compiled forward can update BatchNorm's running statistics and draw random numbers before a later
+    compiled part fails (MoCo's key encoder is compiled apart from the query encoder): the eager repeat
+    must start from the state before the failed call, or the run would not give the eager results."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(3)
+    x = torch.randn(8, 3)
+
+    def step():
+        bn(x + torch.rand(1))                             # a draw, then BatchNorm's update
+        return bn.running_mean.clone()
+
+    def half_compiled():
+        step()
+        raise RuntimeError("CUDA graph capture failed")   # after the buffers and the RNG moved
+
+    eager_bn = copy.deepcopy(bn)
+    torch.manual_seed(1)
+    want = step()
+    bn.load_state_dict(eager_bn.state_dict())
+    torch.manual_seed(1)
+    got = common.with_eager_fallback(half_compiled, lambda: step, "test step", torch.device("cpu"), [bn])()
+    assert torch.equal(got, want) and int(bn.num_batches_tracked) == 1
+
+
+# ---- Progress lines: a slow run is never silent for long ---------------------------------------------
+
+def test_a_progress_line_is_due_within_seconds_whatever_log_every(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    progress = common.Progress(1000, 0, "step")
+    assert not progress.due()
+    now[0] += 6                                              # the first line within 5 s
+    assert progress.due()
+    progress.line(1)
+    now[0] += 20
+    assert not progress.due()
+    now[0] += 11                                             # then at least every 30 s
+    assert progress.due()
+
+
+def test_a_compile_shows_it_is_alive(capsys):
+    """A CPU compile was silent for 257 s: now a line every few seconds until the first step is done."""
+    progress = common.Progress(10, 0, "step", warming=True, heartbeat=0.05)
+    time.sleep(0.3)
+    progress.warmed_up(1, "compile")
+    time.sleep(0.15)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 3 and all("still compiling" in line and "so far" in line for line in lines)
+    time.sleep(0.2)
+    assert capsys.readouterr().out == ""                    # quiet once compiled
+    import logging
+    common.compile_enabled(True, torch.device("cpu"))       # and no "No CUDA runtime is found" on a CPU
+    assert logging.getLogger("torch.utils.cpp_extension").getEffectiveLevel() >= logging.ERROR
