@@ -52,7 +52,7 @@ import sys
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
 from common import (EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, claim_output,
                     command, compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset,
-                    load_for_resume, peak_flops, pick_device, refuse_to_overwrite, require_free_space,
+                    load_for_resume, peak_flops, pick_device, refuse_to_overwrite, require_free_space, resume_hint,
                     require_same_data, resolve_settings, restore_training_state, run_main, settings_adder,
                     tensor_bytes, training_state, with_eager_fallback)
 
@@ -85,8 +85,8 @@ PRESETS = {
     # seconds on a CPU (64 images at 16x16 after the tiny ddpm/generate): shows the loop works, numbers
     # mean nothing. The architecture is the real one: a toy head would test a different program.
     "tiny": dict(image_size=16, epochs=2, batch_size=32, warmup_epochs=1, knn_every=1, queue=64),
-    # Part of the ~10 minute quick pipeline (three runs: SimCLR, SimCLR-aug, CLSP). At the 3 s/epoch goal,
-    # 30 epochs are ~1.5 min a run; batch 512 gives twice the optimiser steps of 1024 in so short a run, and
+    # Part of the ~10 minute quick pipeline (three runs: SimCLR, SimCLR-aug, CLSP). At the 2 s/epoch goal,
+    # 30 epochs are ~1 min a run; batch 512 gives twice the optimiser steps of 1024 in so short a run, and
     # a 10% warm-up replaces the authors' 10 of 1000 epochs. Time not yet measured on a GPU.
     "quick": dict(epochs=30, batch_size=512, warmup_epochs=3, knn_every=10),
     "standard": dict(),
@@ -621,7 +621,7 @@ def main(argv=None):
     x_train, y_train, classes, info = training_images(s, syn, ckpt, args)
 
     # No other run writes it until this one ends; Ctrl-C stops at the end of a step and saves.
-    with claim_output(args.out), StopFlag() as stop:
+    with claim_output(args.out), StopFlag(resume_hint("clsp.py", args)) as stop:
         if ckpt is None:
             refuse_to_overwrite(args.out, f"continue it with {command('clsp.py', args, '--resume', '--out', args.out)}")
         N, B, V = x_train.shape[0], s["batch_size"], 2 if s["lam"] == 0 else 3   # views: v1, v2 (+ v3)
@@ -671,7 +671,8 @@ def main(argv=None):
             done = step // steps_per_epoch
             metrics = dict(lr=f"{lr_at(step - 1, s, steps_per_epoch):.2e}")
             if knn_monitor and (done % s["knn_every"] == 0 or done == s["epochs"]):
-                metrics["kNN"] = f"{100 * knn_monitor():.2f}%"
+                with progress.doing("the kNN check"):   # seconds to minutes of features: heartbeat lines
+                    metrics["kNN"] = f"{100 * knn_monitor():.2f}%"
             if progress.warmup == "compiling":   # speed and time left from the second epoch on
                 progress.warmed_up(done, "compile + first epoch")
             progress.line(done, **metrics)        # stops the run if a loss is not finite: nothing saved
@@ -695,15 +696,16 @@ def load_candidates(s, explicit, ckpt, args):
     """Stage 2's candidate set. The data set, its directory and image size not given as flags are
     taken from it, so `python clsp.py` just works after `python generate.py`."""
     path = s["synthetic"]
-    syn = load_artifact(path, ("images", "data", "settings", "ddpm"), "a generate.py candidate set",
-                        command("generate.py", args))
+    make_candidates = command("generate.py", args, out=path, default_out="runs/synthetic.pt")
+    syn = load_artifact(path, ("images", "data", "settings", "ddpm"), "a generate.py candidate set", make_candidates)
     if ckpt is None:
         s.update({k: v for k, v in artifact_data_settings(syn).items() if k not in explicit})
     for k in ("dataset", "image_size"):
         if syn["data"][k] != s[k]:
+            new = f"{os.path.splitext(path)[0]}_{s[k]}.pt"     # runs/synthetic_cifar100.pt, runs/synthetic_16.pt
             fail(f"{path} holds synthetic positives for {k.replace('_', ' ')} {syn['data'][k]}, but this run "
-                 f"asks for {s[k]}; run {command('generate.py', args)} for that data first, drop "
-                 f"--{k.replace('_', '-')}, or train the SimCLR baseline with --lam 0")
+                 f"asks for {s[k]}; make candidates for that data first with {command('generate.py', args, out=new)} "
+                 f"and pass --synthetic {new}, drop --{k.replace('_', '-')}, or train the SimCLR baseline with --lam 0")
     if ckpt is not None and {**ckpt["synthetic"], "path": path} != made_from(syn, path):   # it may move
         fail(f"{args.out} was trained with another synthetic set than {path}; point --synthetic at the "
              f"one it used, or start a new run without --resume")
@@ -746,7 +748,8 @@ def training_images(s, syn, ckpt, args):
                           "point --data-dir at the original data or start a new run without --resume")
     if syn is not None:
         require_same_data(info, syn["data"], f"{s['synthetic']} was made from",
-                          f"point --data-dir at the data it was made from, or run {command('generate.py', args)} again")
+                          f"point --data-dir at the data it was made from, or delete it and run "
+                          f"{command('generate.py', args, out=s['synthetic'], default_out='runs/synthetic.pt')} again")
         if syn["images"].shape[0] != x_train.shape[0]:
             fail(f"{s['synthetic']} has candidates for only {syn['images'].shape[0]} of the {x_train.shape[0]} "
                  f"training images (made with --num-anchors?); CLSP needs them for every image: run "
@@ -813,4 +816,5 @@ def made_from(syn, path):
 if __name__ == "__main__":
     run_main(main, sys.argv[1:], "rerun with a smaller --batch-size (the learning rate scales with it; "
                                  "a saved checkpoint is kept)",
-             "the last epoch saved in --out is kept: continue with --resume")
+             "an epoch saved in --out is kept (continue it with --resume); with none saved yet, run the same "
+             "command again")

@@ -4,7 +4,8 @@ The method lives in the four stage files, each read top to bottom on its own:
 
     ddpm.py      stage 1: the forward process, the UNet, DDIM sampling, Algorithm 1 of Ho et al.
     generate.py  stage 2: interpolated DDIM sampling, K synthetic positives per training image
-    clsp.py      stage 3: the ResNet-18, the augmentations, NT-Xent + the CLSP term, the kNN vote
+    clsp.py      stage 3: the ResNet-18, the augmentations, SimCLR's NT-Xent + the CLSP term, the same
+                 term on MoCo-v2, the '-aug' controls, the kNN vote
     evaluate.py  stage 4: the linear probe, the diagnostics of the positives
 
 This file holds what makes each of them a dependable program and what none of them is about: settings
@@ -127,14 +128,18 @@ def resolve_settings(args, defaults, presets):
     return as_saved({**defaults, **presets[args.preset], **explicit}), explicit
 
 
-def command(script, args, *extra):
+def command(script, args, *extra, out=None, default_out=None):
     """`python ddpm.py --preset tiny --dataset folder --data-dir DIR ...`: a command for a hint, with the
-    user's own --preset and data flags (those given on this command line), so it can be pasted as it is."""
+    user's own --preset and data flags (those given on this command line), so it can be pasted as it is.
+    A flag in `extra` replaces the user's flag of that name; `out`, the file the command is to write, is
+    passed as --out unless it is the script's own default (default_out)."""
     flags = [] if args.preset == "standard" else ["--preset", args.preset]
+    extra = list(map(str, extra)) + (["--out", out] if out is not None and out != default_out else [])
     for key in ("dataset", "data_dir", "image_size"):
-        if getattr(args, key, None) is not None:
-            flags += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    return "`" + " ".join(["python", script] + [shlex.quote(f) for f in flags + list(extra)]) + "`"
+        flag = f"--{key.replace('_', '-')}"
+        if getattr(args, key, None) is not None and flag not in extra:
+            flags += [flag, str(getattr(args, key))]
+    return "`" + " ".join(["python", script] + [shlex.quote(f) for f in flags + extra]) + "`"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,13 +304,14 @@ def _load_folder(data_dir, split, image_size):
     key = hashlib.sha1(json.dumps([[os.path.relpath(p, data_dir), i, h] for (p, i), h in zip(files, hashes)]
                                   + [image_size, classes]).encode()).hexdigest()
     cache = os.path.join(data_dir, f".clsp_cache_{split}_{image_size}px.pt")
-    remove_stale_temps(cache)                 # a cache save that a kill cut short
+    for c in glob.glob(os.path.join(glob.escape(data_dir), ".clsp_cache_*px.pt.tmp*")):
+        remove_stale_temps(c.rsplit(".tmp", 1)[0])   # a cache save, of any split and size, that a kill cut short
     try:
         c = torch.load(cache, weights_only=True)
         if c["key"] == key:
             return c["x"], c["y"], c["classes"]
     except Exception:
-        pass  # no cache yet, an old one, or a damaged one: (re)built below
+        pass  # no cache yet, or a damaged one: (re)built below
 
     def read(path):
         try:
@@ -323,8 +329,6 @@ def _load_folder(data_dir, split, image_size):
     try:
         torch.save({"key": key, "x": x, "y": y, "classes": classes}, f"{cache}.tmp{os.getpid()}")
         os.replace(f"{cache}.tmp{os.getpid()}", cache)
-        for old in glob.glob(os.path.join(glob.escape(data_dir), f".cache_{split}_{image_size}px_*.pt")):
-            os.remove(old)    # the one-file-per-file-list caches of earlier versions of this project
     except (OSError, RuntimeError):
         pass  # a read-only or full data directory: no cache, just slower next time
     return x, y, classes
@@ -519,6 +523,17 @@ def refuse_to_overwrite(path, how_to_continue):
         fail(f"{path} already exists; {how_to_continue}, write elsewhere with --out, or delete it to start over")
 
 
+def resume_hint(script, args):
+    """For StopFlag: what a second Ctrl-C leaves of a training run writing args.out. A new run refuses an
+    existing --out, so the file is there only once this run (or the one it resumes) has saved."""
+    def hint():
+        if os.path.exists(args.out):
+            return (f"the last checkpoint saved is kept in {args.out}: continue with "
+                    f"{command(script, args, '--resume', '--out', args.out)}")
+        return "no checkpoint was saved yet: run the same command again"
+    return hint
+
+
 def load_for_resume(path, must_have, explicit, free, remedy, defaults):
     """--resume: the checkpoint and its own settings, so the run ends exactly where it would have (a
     setting added to the script after the checkpoint was made takes its default). Only the settings in
@@ -651,7 +666,9 @@ class Progress:
     and asks for a line now and then (`line`): the mean of each loss since the last line, checked to be
     finite, as a run must not save a diverged model. Speed and time left are measured from `warmed_up()`
     on, so a first step that compiles (a minute) does not distort them; the elapsed time includes it.
-    While the first steps compile (warming=True), a line every `heartbeat` seconds says how long so far."""
+    Work that prints nothing for long is named (`with progress.doing("the kNN check"):`; a first step
+    that compiles, warming=True, is "compiling" until `warmed_up`): while it lasts, a line every
+    `heartbeat` seconds says how long so far, so a run is never silent for long."""
 
     def __init__(self, total, done=0, unit="step", images_per_unit=1, flops_per_unit=None, peak=None,
                  warming=False, on_nan="start a new run with a lower --lr", heartbeat=15):
@@ -659,18 +676,26 @@ class Progress:
         self.images_per_unit, self.flops_per_unit, self.peak = images_per_unit, flops_per_unit, peak
         self.t_start = self.t0 = self.last = time.perf_counter()
         self.warmup = "compiling" if warming else None     # until warmed_up(): no speed, no time left
+        self.activity = ("compiling", self.t_start) if warming else None   # (what, since when) or None
         self.on_nan = on_nan                               # what to do when a loss is not finite
         self.names, self.sums, self.n = (), None, 0
-        self.compiled = threading.Event()
-        if warming:   # a thread of its own: the main thread is inside the compiler, for minutes on a CPU
-            threading.Thread(target=_heartbeat, args=(weakref.ref(self), self.compiled, heartbeat),
-                             daemon=True).start()
+        # A thread of its own: the main thread is inside the compiler (minutes on a CPU) or the kNN check.
+        threading.Thread(target=_heartbeat, args=(weakref.ref(self), heartbeat), daemon=True).start()
 
     def warmed_up(self, done, what="warm-up"):
         now = time.perf_counter()
         self.warmup = f"{what} {now - self.t_start:.0f}s"
         self.t0, self.start_done = now, done
-        self.compiled.set()
+        self.activity = None
+
+    @contextlib.contextmanager
+    def doing(self, what):
+        """`with progress.doing("the kNN check"):` heartbeat lines while the block runs."""
+        before, self.activity = self.activity, (what, time.perf_counter())
+        try:
+            yield
+        finally:
+            self.activity = before
 
     def due(self, seconds=30):
         """True when no line was printed for `seconds` (the first one after 5 s): a slow run is never
@@ -709,16 +734,20 @@ class Progress:
         self.last = now
 
 
-def _heartbeat(progress_ref, compiled, every, give_up=3600):
-    """`... still compiling, 1m15s so far` every `every` seconds until the compile is done, or the run has
-    ended (only a weak reference to its Progress is kept), or an hour has passed (a failed run whose
-    traceback is kept, in a notebook say, keeps its Progress alive: it must not talk forever)."""
-    while not compiled.wait(every):
+def _heartbeat(progress_ref, every, give_up=3600):
+    """`  ... still compiling, 1m15s so far` when `every` seconds passed without a line while the Progress
+    names an activity; ends with the run (only a weak reference to its Progress is kept). An activity
+    over an hour old is not reported (a failed run whose traceback is kept, in a notebook say, keeps its
+    Progress alive: it must not talk forever)."""
+    while True:
+        time.sleep(min(every, 1.0))
         progress = progress_ref()
-        if progress is None or time.perf_counter() - progress.t_start > give_up:
+        if progress is None:
             return
-        print(f"  ... still compiling, {fmt_time(time.perf_counter() - progress.t_start)} so far", flush=True)
-        progress.last = time.perf_counter()
+        activity, now = progress.activity, time.perf_counter()
+        if activity and now - progress.last >= every and now - activity[1] < give_up:
+            print(f"  ... still {activity[0]}, {fmt_time(now - activity[1])} so far", flush=True)
+            progress.last = now
         del progress
 
 
@@ -730,10 +759,11 @@ class StopFlag:
     """`with StopFlag() as stop:` Ctrl-C (or SIGTERM) inside the block asks the loop to stop at the end
     of the current step instead of killing it mid-update (the loop reads stop.requested): a checkpoint
     written then is consistent, so --resume continues exactly. A second Ctrl-C quits at once. After the
-    block, the handlers from before it are back (run_main's: one sentence, at once)."""
+    block, the handlers from before it are back (run_main's: one sentence, at once). quit_hint() says, in
+    that second Ctrl-C's sentence, what is kept and how to go on (it depends on what was saved by then)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, quit_hint=None):
+        self.requested, self.quit_hint = False, quit_hint
         self.before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig in self.before:
             signal.signal(sig, self._handler)
@@ -750,6 +780,8 @@ class StopFlag:
 
     def _handler(self, signum, frame):
         if self.requested:
+            if self.quit_hint:
+                fail(f"stopped at once by Ctrl-C; {self.quit_hint()}")
             raise KeyboardInterrupt
         self.requested = True
         print("\nstopping at the end of this step (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)

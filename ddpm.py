@@ -36,7 +36,7 @@ import sys
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
 from common import (EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside,
                     claim_output, command, compile_enabled, count_flops, data_info, fail, load_dataset,
-                    load_for_resume, peak_flops, pick_device, refuse_to_overwrite, require_free_space,
+                    load_for_resume, peak_flops, pick_device, refuse_to_overwrite, require_free_space, resume_hint,
                     require_same_data, resolve_settings, restore_training_state, run_main, save_grid,
                     settings_adder, tensor_bytes, training_state, with_eager_fallback)
 
@@ -116,15 +116,15 @@ class GroupNorm(nn.GroupNorm):
 
     Why never one channel per group: a ResBlock adds the time embedding as one constant per channel, and
     a GroupNorm whose groups hold one channel each subtracts each channel's mean, so it would erase the
-    embedding entirely (the tiny preset's 32-channel level had exactly that). With two or more channels
+    embedding entirely (32 groups on the tiny preset's 32-channel level would). With two or more channels
     per group only their common shift is removed. ch 64 and 128 keep 32 groups: the authors' model.
 
     On a GPU under bf16/fp16 autocast it also runs in the input's dtype. Autocast runs group_norm in
-    fp32, so every GroupNorm of an eager bf16 step cast its input up and its output back down: a profile
-    of one eager training step (H200, batch 128) counted about 900 copy kernels, a third of the GPU
-    time, and bf16 ran slower than fp32. CUDA's GroupNorm kernel takes bf16 and fp16 inputs and
-    accumulates its mean and variance in fp32 itself, so the casts buy nothing. (Compiled, inductor
-    fuses GroupNorm, SiLU and the casts anyway; this is for the eager path.)"""
+    fp32, so an eager bf16 step would cast every GroupNorm's input up and its output back down: two copy
+    kernels per GroupNorm, hundreds a step, enough to make bf16 slower than fp32. CUDA's GroupNorm
+    kernel takes bf16 and fp16 inputs and accumulates its mean and variance in fp32 itself, so the casts
+    buy nothing. (Compiled, inductor fuses GroupNorm, SiLU and the casts anyway; this is for the eager
+    path. `python tests/benchmark.py --stages 1 --no-compile --profile 1` lists an eager step's kernels.)"""
 
     def __init__(self, ch):
         super().__init__(min(32, ch // 2), ch)
@@ -330,9 +330,9 @@ def make_train_step(model, ema, opt, scaler, abar, s, amp=None, compiled=False):
 
     # On a GPU the loss is compiled, and so its backward: inductor fuses GroupNorm, SiLU and the casts
     # into few kernels, and "reduce-overhead" replays forward and backward as two CUDA graphs, so the CPU
-    # no longer issues the kernels one by one. Eager, a step at batch 128 was bound by those launches
-    # (H200: batch 32 took 40.9 ms a step, batch 128 42.7 ms; 61 ms of CPU time for 28 ms of GPU work),
-    # and in that profile the UNet alone, compiled with mode="reduce-overhead", took 14.2 ms a step. The
+    # does not issue the kernels one by one. Eager, the small UNet's step is bound by those launches,
+    # not by the GPU's arithmetic: a step at batch 32 takes about as long as one at batch 128
+    # (`python tests/benchmark.py --stages 1 --more` times eager, compiled and the batch sizes). The
     # first steps compile (about a minute). Algorithm 1's random draws (flips, t, eps) stay outside the
     # graph, in plain PyTorch; dropout's are inside it, from inductor's own generator.
     if compiled:
@@ -458,7 +458,7 @@ def main(argv=None):
     samples_png = args.samples or beside(args.out, "_samples.png")
 
     # No other run writes these files until this one ends; Ctrl-C stops at the end of a step and saves.
-    with claim_output(args.out, samples_png), StopFlag() as stop:
+    with claim_output(args.out, samples_png), StopFlag(resume_hint("ddpm.py", args)) as stop:
         if ckpt is None:
             refuse_to_overwrite(args.out, f"continue it with {command('ddpm.py', args, '--resume', '--out', args.out)}")
         model, ema, opt, scaler, amp, step = make_model(s, args, device, ckpt)
@@ -515,13 +515,13 @@ def make_model(s, args, device, ckpt):
     dtype; from the checkpoint when resuming. Returns them and the step to start from."""
     torch.manual_seed(s["seed"])                # fixes the initial weights (a resumed run loads its own)
     # NCHW, not channels_last: CUDA's GroupNorm has no NHWC kernel, so a channels_last UNet is copied to
-    # NCHW and back around every GroupNorm (seen in a profile of an eager step). Compiled, inductor
-    # chooses each convolution's layout itself.
+    # NCHW and back around every GroupNorm (`python tests/benchmark.py --stages 1 --more` times both
+    # layouts). Compiled, inductor chooses each convolution's layout itself.
     model = build_unet(s).to(device)
     ema = build_unet(s).to(device).requires_grad_(False).eval()
     ema.load_state_dict(model.state_dict())
     # Adam's fused CUDA kernel updates all parameter tensors in a few launches instead of several per
-    # tensor (the unfused Adam took 3 ms of GPU time in a 43 ms eager step). The CPU keeps the plain one.
+    # tensor, launches that bound an eager step (above). The CPU keeps the plain one.
     opt = torch.optim.Adam(model.parameters(), lr=s["lr"], fused=device.type == "cuda")
     amp = autocast_dtype(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)   # fp16 only: autocast_dtype
@@ -549,4 +549,5 @@ def flops_per_image(model, s, device):
 
 if __name__ == "__main__":
     run_main(main, sys.argv[1:], "rerun with a smaller --batch-size (a saved checkpoint is kept)",
-             "the last checkpoint saved in --out is kept: continue with --resume")
+             "a checkpoint saved in --out is kept (continue it with --resume); with none saved yet, run the "
+             "same command again")

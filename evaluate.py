@@ -84,47 +84,9 @@ KNN_GRID = (5, 10, 20, 50, 100, 200)   # the authors' search over k, shown only 
 KNN_GRID_TEMP = 0.07                   # ... at the authors' temperature, so the two can be compared
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 4 of CLSP: kNN and linear-probe accuracy of the backbone.")
-    add = settings_adder(p, DEFAULTS, PRESETS)
-    add("--dataset", "cifar10 | cifar100 | folder (default: the checkpoint's; another one = transfer)")
-    add("--data-dir", "where the data set is (default: the checkpoint's)")
-    add("--image-size", "images are resized to this (default: the checkpoint's)", type=int)
-    add("--seed", "random seed of the probe and the diagnostics", type=int)
-    add("--knn-k", "neighbours that vote", type=int)
-    add("--knn-temp", "temperature T of the votes exp(sim / T)", type=float)
-    add("--probe-epochs", "linear-probe epochs; lr x0.1 at 60% and 80%", type=int)
-    add("--probe-batch-size", "linear-probe batch", type=int)
-    add("--probe-lr", "linear-probe SGD learning rate", type=float)
-    add("--batch-size", "images per backbone pass for features", type=int)
-    add("--diag-anchors", "anchors whose candidates are measured; 0 = none", type=int)
-    add("--log-every", "probe epochs between progress lines", type=int)
-    add_run_flags(p, None)
-    p.add_argument("--checkpoint", default="runs/clsp.pt",
-                   help="the backbone to evaluate (made by clsp.py) (default: %(default)s)")
-    p.add_argument("--synthetic", default="runs/synthetic.pt",
-                   help="candidates for the diagnostics (made by generate.py); 'none' to skip (default: %(default)s)")
-    p.add_argument("--judge", help="the independent backbone that judges the candidates, a clsp.py --lam 0 "
-                                   "checkpoint (default: the evaluated one if it is lam 0, else "
-                                   "clsp_lam0.pt beside --checkpoint when there is one); 'none' to skip")
-    p.add_argument("--out", default="runs/eval.json", help="where to write every number (default: %(default)s)")
-    return p.parse_args(argv)
-
-
-def check_settings(s):
-    for k in ("knn_k", "probe_epochs", "probe_batch_size", "batch_size", "log_every", "image_size"):
-        if s[k] < 1:
-            fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
-    for k in ("knn_temp", "probe_lr"):
-        if not (s[k] > 0 and math.isfinite(s[k])):
-            fail(f"--{k.replace('_', '-')} must be a positive number, got {s[k]}")
-    if s["diag_anchors"] < 0:
-        fail(f"--diag-anchors must be 0 or more, got {s['diag_anchors']}")
-
-
 # ------------------------------------------------------------------------------------------------
-# The linear probe (the kNN vote is clsp.knn_predict). It takes features already on the device and
-# never calls .item() in its loop.
+# The linear probe (the kNN vote is clsp.knn_predict). It takes features already on the device; its
+# only host syncs are the progress lines' (every --log-every epochs), so no step waits for the GPU.
 # ------------------------------------------------------------------------------------------------
 
 def probe_lr(epoch, epochs, lr=1.0, drops=(0.6, 0.8)):
@@ -177,8 +139,122 @@ def linear_probe(f_train, f_train_flip, y_train, f_test, y_test, num_classes, ep
 
 
 # ------------------------------------------------------------------------------------------------
-# The evaluation.
+# kNN accuracy, and the diagnostics of the positives: how hard, how often true, beside views and neighbours.
 # ------------------------------------------------------------------------------------------------
+
+def knn_accuracy(f_test, f_train, data, k, temp):
+    pred = knn_predict(f_test, f_train, data["y_train"], data["C"], k, temp)
+    return 100 * (pred == data["y_test"]).float().mean().item()
+
+
+def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simclr"):
+    """How hard the candidates are and how often they are true positives, like for like: each candidate
+    is augmented with clsp.py's own pipeline, as in training, and set beside an augmented view of its
+    anchor. Hard: the cosine of a view of the anchor and its candidate, beside that of two views of the
+    anchor. True: the share of candidates whose kNN class among the real training images (their own
+    anchor left out) is the anchor's label, beside the same share for a view of the anchor; read in the
+    evaluated backbone's space and, when there is one, in the independent judge's.
+
+    And the positive that nearest-neighbour methods (NNCLR) use instead: the training image nearest to a
+    view of the anchor in this backbone's space (the anchor left out), measured the same way, a view of
+    it beside a view of the anchor, with its true label too. The paper's point: such a neighbour is an
+    easy positive (close already) and, early in training, often of another class."""
+    images, y_train, device = syn["images"], data["y_train"], data["x_train"].device
+    K = images.shape[1]
+    g = torch.Generator().manual_seed(s["seed"])         # a random subset of anchors, fixed by --seed
+    pick = torch.randperm(images.shape[0], generator=g)[:s["diag_anchors"]].sort().values
+    anchor = syn["anchor_index"][pick].to(device)        # training index of each picked anchor
+    anchor_k = anchor.repeat_interleave(K)               # ... once per candidate
+    x_anchor, cand = data["x_train"][anchor], images[pick].flatten(0, 1).to(device)   # n and n*K images
+    feats = lambda net, x, prepare=None: features(net, x, data["mean"], data["std"], amp, s["batch_size"], prepare)
+
+    def views(x, seed):
+        """Features of augmented views of x, the same draws for every backbone (a generator per call)."""
+        g_aug = torch.Generator(device).manual_seed(seed)
+        return lambda net: feats(net, x, lambda xb: augment(xb, s["image_size"], data["mean"], data["std"],
+                                                            generator=g_aug, base=base))
+
+    def embed(net):
+        """Two views of each anchor and one of each candidate."""
+        return [views(x, s["seed"] + i)(net) for i, x in enumerate((x_anchor, x_anchor, cand))]
+
+    def agreement(f_bank, f_cand, f_view, f_nn):
+        """The share (%) of candidates, views and neighbours whose kNN class is the anchor's label: each
+        query's own anchor left out of the vote, and a neighbour's own image too."""
+        knn = lambda f, exclude: knn_predict(f, f_bank, y_train, data["C"], s["knn_k"], s["knn_temp"],
+                                             exclude=exclude)
+        return [100 * (knn(f, exclude) == y_train[a]).float().mean().item()
+                for f, exclude, a in ((f_cand, anchor_k, anchor_k), (f_view, anchor, anchor),
+                                      (f_nn, torch.stack([neighbour, anchor], 1), anchor))]
+
+    f_v1, f_v2, f_cand = embed(backbone)
+    # NNCLR's positive: the training image nearest to view 1 of the anchor (the anchor itself left out);
+    # NNCLR pairs it with view 2, so that is the cosine reported, as two views are compared with each other.
+    sim = F.normalize(f_v1, dim=1) @ F.normalize(f_train, dim=1).T
+    sim[torch.arange(len(anchor), device=device), anchor] = -math.inf
+    neighbour = sim.argmax(dim=1)
+    nn_views = views(data["x_train"][neighbour], s["seed"] + 3)
+    f_nn = nn_views(backbone)
+    cos = lambda a, b: F.cosine_similarity(a, b).mean().item()
+    diag = dict(anchors=len(pick), K=K, cos_anchor_candidate=cos(f_v1.repeat_interleave(K, dim=0), f_cand),
+                cos_two_views=cos(f_v1, f_v2), cos_anchor_neighbour=cos(f_v2, f_nn),
+                neighbour_true_label_agreement=100 * (y_train[neighbour] == y_train[anchor]).float().mean().item())
+    # In the evaluated backbone's own space (a CLSP backbone was trained to agree with its candidates).
+    (diag["candidate_label_agreement"], diag["view_label_agreement"],
+     diag["neighbour_label_agreement"]) = agreement(f_train, f_cand, f_v2, f_nn)
+    if judge is not None:                                # in the independent judge's space
+        jb = frozen_backbone(judge[1]["backbone"], judge[0], device)
+        _, f_v2_j, f_cand_j = embed(jb)
+        diag["judge"] = judge[0]
+        (diag["candidate_label_agreement_judge"], diag["view_label_agreement_judge"],
+         diag["neighbour_label_agreement_judge"]) = agreement(feats(jb, data["x_train"]), f_cand_j, f_v2_j,
+                                                              nn_views(jb))
+    diag["chance"] = 100 / data["C"]
+    return diag
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line, and the glue: the checkpoint, the data, the judge, the tables.
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 4 of CLSP: kNN and linear-probe accuracy of the backbone.")
+    add = settings_adder(p, DEFAULTS, PRESETS)
+    add("--dataset", "cifar10 | cifar100 | folder (default: the checkpoint's; another one = transfer)")
+    add("--data-dir", "where the data set is (default: the checkpoint's)")
+    add("--image-size", "images are resized to this (default: the checkpoint's)", type=int)
+    add("--seed", "random seed of the probe and the diagnostics", type=int)
+    add("--knn-k", "neighbours that vote", type=int)
+    add("--knn-temp", "temperature T of the votes exp(sim / T)", type=float)
+    add("--probe-epochs", "linear-probe epochs; lr x0.1 at 60% and 80%", type=int)
+    add("--probe-batch-size", "linear-probe batch", type=int)
+    add("--probe-lr", "linear-probe SGD learning rate", type=float)
+    add("--batch-size", "images per backbone pass for features", type=int)
+    add("--diag-anchors", "anchors whose candidates are measured; 0 = none", type=int)
+    add("--log-every", "probe epochs between progress lines", type=int)
+    add_run_flags(p, None)
+    p.add_argument("--checkpoint", default="runs/clsp.pt",
+                   help="the backbone to evaluate (made by clsp.py) (default: %(default)s)")
+    p.add_argument("--synthetic", default="runs/synthetic.pt",
+                   help="candidates for the diagnostics (made by generate.py); 'none' to skip (default: %(default)s)")
+    p.add_argument("--judge", help="the independent backbone that judges the candidates, a clsp.py --lam 0 "
+                                   "checkpoint (default: the evaluated one if it is lam 0, else "
+                                   "clsp_lam0.pt beside --checkpoint when there is one); 'none' to skip")
+    p.add_argument("--out", default="runs/eval.json", help="where to write every number (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def check_settings(s):
+    for k in ("knn_k", "probe_epochs", "probe_batch_size", "batch_size", "log_every", "image_size"):
+        if s[k] < 1:
+            fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
+    for k in ("knn_temp", "probe_lr"):
+        if not (s[k] > 0 and math.isfinite(s[k])):
+            fail(f"--{k.replace('_', '-')} must be a positive number, got {s[k]}")
+    if s["diag_anchors"] < 0:
+        fail(f"--diag-anchors must be 0 or more, got {s['diag_anchors']}")
+
+
 
 CHECKPOINT_KEYS = ("backbone", "data", "settings", "epoch")
 
@@ -188,7 +264,8 @@ def main(argv=None):
     args = parse_args(argv)
     s, _ = resolve_settings(args, DEFAULTS, PRESETS)
     device = pick_device(args.device, args.preset)
-    ckpt = load_artifact(args.checkpoint, CHECKPOINT_KEYS, "a clsp.py checkpoint", command("clsp.py", args))
+    ckpt = load_artifact(args.checkpoint, CHECKPOINT_KEYS, "a clsp.py checkpoint",
+                         command("clsp.py", args, out=args.checkpoint, default_out="runs/clsp.pt"))
     if not ckpt.get("finished", True):
         print(f"note: {args.checkpoint} is unfinished (epoch {ckpt.get('epoch')} of "
               f"{ckpt['settings'].get('epochs')}); evaluating it as it is", flush=True)
@@ -280,12 +357,13 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
         return None, None, "diagnostics of the synthetic positives off"
     if not os.path.exists(args.synthetic):
         return None, None, (f"no {args.synthetic}, so no diagnostics of the synthetic positives "
-                            f"({command('generate.py', args)} makes it)")
+                            f"({command('generate.py', args, out=args.synthetic, default_out='runs/synthetic.pt')} "
+                            f"makes it)")
     if transfer:
         return None, None, ("transfer: the synthetic positives belong to the backbone's own data set, "
                             "so no diagnostics")
     syn = load_artifact(args.synthetic, ("images", "data", "anchor_index"), "a generate.py candidate set",
-                        command("generate.py", args))
+                        command("generate.py", args, out=args.synthetic, default_out="runs/synthetic.pt"))
     if syn["data"] != info:
         fail(f"{args.synthetic} does not fit the training data evaluated here ({info}; it was made for "
              f"{syn['data']}): point --synthetic at the right file, or pass --synthetic none")
@@ -319,77 +397,6 @@ def frozen_backbone(state, path, device):
              f"run `python clsp.py` again")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     return backbone.to(device, memory_format=layout).eval().requires_grad_(False)
-
-
-def knn_accuracy(f_test, f_train, data, k, temp):
-    pred = knn_predict(f_test, f_train, data["y_train"], data["C"], k, temp)
-    return 100 * (pred == data["y_test"]).float().mean().item()
-
-
-def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simclr"):
-    """How hard the candidates are and how often they are true positives, like for like: each candidate
-    is augmented with clsp.py's own pipeline, as in training, and set beside an augmented view of its
-    anchor. Hard: the cosine of a view of the anchor and its candidate, beside that of two views of the
-    anchor. True: the share of candidates whose kNN class among the real training images (their own
-    anchor left out) is the anchor's label, beside the same share for a view of the anchor; read in the
-    evaluated backbone's space and, when there is one, in the independent judge's.
-
-    And the positive that nearest-neighbour methods (NNCLR) use instead: the training image nearest to a
-    view of the anchor in this backbone's space (the anchor left out), measured the same way, a view of
-    it beside a view of the anchor, with its true label too. The paper's point: such a neighbour is an
-    easy positive (close already) and, early in training, often of another class."""
-    images, y_train, device = syn["images"], data["y_train"], data["x_train"].device
-    K = images.shape[1]
-    g = torch.Generator().manual_seed(s["seed"])         # a random subset of anchors, fixed by --seed
-    pick = torch.randperm(images.shape[0], generator=g)[:s["diag_anchors"]].sort().values
-    anchor = syn["anchor_index"][pick].to(device)        # training index of each picked anchor
-    anchor_k = anchor.repeat_interleave(K)               # ... once per candidate
-    x_anchor, cand = data["x_train"][anchor], images[pick].flatten(0, 1).to(device)   # n and n*K images
-    feats = lambda net, x, prepare=None: features(net, x, data["mean"], data["std"], amp, s["batch_size"], prepare)
-
-    def views(x, seed):
-        """Features of augmented views of x, the same draws for every backbone (a generator per call)."""
-        g_aug = torch.Generator(device).manual_seed(seed)
-        return lambda net: feats(net, x, lambda xb: augment(xb, s["image_size"], data["mean"], data["std"],
-                                                            generator=g_aug, base=base))
-
-    def embed(net):
-        """Two views of each anchor and one of each candidate."""
-        return [views(x, s["seed"] + i)(net) for i, x in enumerate((x_anchor, x_anchor, cand))]
-
-    def agreement(f_bank, f_cand, f_view, f_nn):
-        """The share (%) of candidates, views and neighbours whose kNN class is the anchor's label: each
-        query's own anchor left out of the vote, and a neighbour's own image too."""
-        knn = lambda f, exclude: knn_predict(f, f_bank, y_train, data["C"], s["knn_k"], s["knn_temp"],
-                                             exclude=exclude)
-        return [100 * (knn(f, exclude) == y_train[a]).float().mean().item()
-                for f, exclude, a in ((f_cand, anchor_k, anchor_k), (f_view, anchor, anchor),
-                                      (f_nn, torch.stack([neighbour, anchor], 1), anchor))]
-
-    f_v1, f_v2, f_cand = embed(backbone)
-    # NNCLR's positive: the training image nearest to view 1 of the anchor (the anchor itself left out);
-    # NNCLR pairs it with view 2, so that is the cosine reported, as two views are compared with each other.
-    sim = F.normalize(f_v1, dim=1) @ F.normalize(f_train, dim=1).T
-    sim[torch.arange(len(anchor), device=device), anchor] = -math.inf
-    neighbour = sim.argmax(dim=1)
-    nn_views = views(data["x_train"][neighbour], s["seed"] + 3)
-    f_nn = nn_views(backbone)
-    cos = lambda a, b: F.cosine_similarity(a, b).mean().item()
-    diag = dict(anchors=len(pick), K=K, cos_anchor_candidate=cos(f_v1.repeat_interleave(K, dim=0), f_cand),
-                cos_two_views=cos(f_v1, f_v2), cos_anchor_neighbour=cos(f_v2, f_nn),
-                neighbour_true_label_agreement=100 * (y_train[neighbour] == y_train[anchor]).float().mean().item())
-    # In the evaluated backbone's own space (a CLSP backbone was trained to agree with its candidates).
-    (diag["candidate_label_agreement"], diag["view_label_agreement"],
-     diag["neighbour_label_agreement"]) = agreement(f_train, f_cand, f_v2, f_nn)
-    if judge is not None:                                # in the independent judge's space
-        jb = frozen_backbone(judge[1]["backbone"], judge[0], device)
-        _, f_v2_j, f_cand_j = embed(jb)
-        diag["judge"] = judge[0]
-        (diag["candidate_label_agreement_judge"], diag["view_label_agreement_judge"],
-         diag["neighbour_label_agreement_judge"]) = agreement(feats(jb, data["x_train"]), f_cand_j, f_v2_j,
-                                                              nn_views(jb))
-    diag["chance"] = 100 / data["C"]
-    return diag
 
 
 def write_json(result, path):

@@ -318,20 +318,24 @@ def check_settings(s):
 def load_ddpm(args, s, explicit):
     """The DDPM checkpoint, refused unless it has EMA weights and fits the data set and size asked for;
     the data set, folder and size not given as flags are taken from it."""
+    train_ddpm = command("ddpm.py", args, out=args.ddpm, default_out="runs/ddpm.pt")
     ckpt = load_artifact(args.ddpm, ("ema", "settings", "data", "step"), "a ddpm.py checkpoint with EMA weights",
-                         command("ddpm.py", args))
+                         train_ddpm)
     ds = ckpt["settings"]
     for key, flag in (("dataset", "--dataset"), ("image_size", "--image-size")):
         if key in explicit and explicit[key] != ds[key]:
+            dataset, size = s["dataset"] or ds["dataset"], s["image_size"] or ds["image_size"]
+            new = os.path.join(os.path.dirname(args.ddpm), f"ddpm_{dataset}_{size}px.pt")
             fail(f"{args.ddpm} was trained on {ds['dataset']} at {ds['image_size']}x{ds['image_size']} pixels, "
-                 f"but {flag} {explicit[key]} was asked for: first train a DDPM for it with `python ddpm.py "
-                 f"--dataset {s['dataset'] or ds['dataset']} --image-size {s['image_size'] or ds['image_size']}`, "
-                 f"or drop {flag}")
+                 f"but {flag} {explicit[key]} was asked for: first train a DDPM for it with "
+                 f"{command('ddpm.py', args, '--dataset', dataset, '--image-size', size, '--out', new)} and "
+                 f"pass --ddpm {new}, or drop {flag}")
     if s["S"] > ds["T"]:
         fail(f"--steps must be at most the DDPM's T = {ds['T']}, got {s['S']}")
     if not ckpt.get("finished", True):
         print(f"note: {args.ddpm} is an unfinished run (step {ckpt.get('step')}/{ds.get('steps')}); "
-              f"`python ddpm.py --resume` finishes it and gives better candidates", flush=True)
+              f"{command('ddpm.py', args, '--resume', '--out', args.ddpm)} finishes it and gives better "
+              f"candidates", flush=True)
     for key in ("dataset", "data_dir", "image_size"):          # default to what the DDPM was trained on
         s[key] = s[key] if s[key] is not None else ds[key]
     return ckpt
@@ -344,7 +348,9 @@ def load_anchors(s, ckpt, args):
     info = data_info(s["dataset"], x_train, y_train, classes)
     require_same_data(info, ckpt["data"], f"{args.ddpm} was trained on",
                       f"the folder under {s['data_dir']!r} may have changed: point --data-dir at the data ddpm.py "
-                      f"used, or retrain with `python ddpm.py --dataset {s['dataset']} --data-dir {s['data_dir']}`")
+                      f"used, or delete {args.ddpm} and train it again on this data with "
+                      + command("ddpm.py", args, "--dataset", s["dataset"], "--data-dir", s["data_dir"],
+                                "--image-size", s["image_size"], out=args.ddpm, default_out="runs/ddpm.pt"))
     N = info["num_train"] if s["num_anchors"] is None else s["num_anchors"]
     if N > info["num_train"]:
         fail(f"--num-anchors {N} is more than the {info['num_train']} training images; pass at most that")
@@ -359,16 +365,17 @@ def make_sampler(ckpt, s, args, device):
     try:
         unet.load_state_dict(ckpt["ema"])
     except RuntimeError:
-        fail(f"the EMA weights in {args.ddpm} do not fit its own settings; retrain with {command('ddpm.py', args)}")
+        fail(f"the EMA weights in {args.ddpm} do not fit its own settings; delete it and train it again with "
+             f"{command('ddpm.py', args, out=args.ddpm, default_out='runs/ddpm.pt')}")
     unet = unet.to(device).eval().requires_grad_(False)   # NCHW: ddpm.py says why, not channels_last
     ds = ckpt["settings"]
     abar = make_schedule(ds["T"], ds["beta_1"], ds["beta_T"]).to(device)
     amp = autocast_dtype(args.precision, device)          # bf16 on recent GPUs, fp16 on older ones, CPU: fp32
     # On a GPU the sampler's model call (2 encoder passes, the interpolation, 1 decoder pass) is
-    # compiled once for its fixed batch shape: eager, a batch of 2,048 took as long in bf16 as in fp32
-    # (114 ms a forward pass on an H200), bound by GroupNorm, SiLU and the casts between them, which
-    # inductor fuses. At this batch size the GPU, not the kernel launches, is the limit, so no CUDA
-    # graphs ("reduce-overhead") here.
+    # compiled once for its fixed batch shape: eager, its passes are bound by GroupNorm, SiLU and the
+    # casts between them, not by the convolutions, so bf16 gains little over fp32; inductor fuses them
+    # (`python tests/benchmark.py --stages 2` times eager against compiled). At this batch size the GPU,
+    # not the kernel launches, is the limit, so no CUDA graphs ("reduce-overhead") here.
     compiled = compile_enabled(args.compile, device)
     eps_fn = interpolated_eps
     if compiled:              # a compile failure on this GPU: one sentence, then eager
