@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -37,11 +38,62 @@ def popen(script, *args, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, proc, seconds=120):
+# How long a test waits for a run to reach the moment it waits for, or to end: a hang detector, not a speed
+# check (a busy 2-core machine can be many times slower than an idle one). A test waits for what a run
+# prints or writes, never for a time it guesses.
+WAIT = 600
+
+
+def wait_for(condition, proc, seconds=WAIT):
     deadline = time.time() + seconds
     while not condition() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert condition(), "the run ended or stalled before the moment the test waits for"
+
+
+class Output:
+    """What a running process prints, read on threads as it comes, so that a test can wait for a line the
+    program prints (Output.wait_for) and still have all of it at the end (Output.finish)."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, dict(out=[], err=[])
+        self.threads = [threading.Thread(target=self._read, args=(stream, self.lines[name]), daemon=True)
+                        for name, stream in (("out", proc.stdout), ("err", proc.stderr))]
+        for thread in self.threads:
+            thread.start()
+
+    @staticmethod
+    def _read(stream, lines):
+        for line in stream:                # each line as the program prints it (PYTHONUNBUFFERED)
+            lines.append(line)
+
+    @property
+    def err(self):
+        return "".join(self.lines["err"])
+
+    def wait_for(self, text, seconds=WAIT):
+        """Until stderr holds `text`, or the process has closed it (ended)."""
+        deadline = time.time() + seconds
+        while text not in self.err and any(t.is_alive() for t in self.threads) and time.time() < deadline:
+            time.sleep(0.02)
+        assert text in self.err, f"the run ended or stalled before it printed {text!r}:\n{self.err}"
+
+    def finish(self, seconds=WAIT):
+        """(stdout, stderr), once the process has ended."""
+        self.proc.wait(timeout=seconds)
+        for thread in self.threads:
+            thread.join(seconds)
+        return "".join(self.lines["out"]), self.err
+
+
+def loading_torch(pid):
+    """Whether process pid has begun to load PyTorch's libraries (Linux: /proc/PID/maps names them), so is
+    inside `import torch`, which then takes seconds more."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "libtorch" in f.read()
+    except OSError:
+        return False
 
 
 # ---- Wrong data and wrong files are refused before any work; the right data is found -----------------
@@ -212,11 +264,12 @@ def test_stale_temporary_files_are_removed(tmp_path, tiny_data):
 
 def test_ctrl_c_twice_is_one_sentence(tmp_path, tiny_data):
     proc = popen("clsp.py", *tiny(tiny_data, "--lam", "0", "--epochs", "1000"), cwd=tmp_path)
+    output = Output(proc)
     wait_for(lambda: os.path.exists(tmp_path / "runs" / "clsp.pt"), proc)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.1)
+    output.wait_for("stopping at the end of this step")     # the first one was handled: a second, not both at once
     proc.send_signal(signal.SIGINT)                          # the second one: quit at once
-    _, err = proc.communicate(timeout=120)
+    _, err = output.finish()
     assert proc.returncode != 0 and "Traceback" not in err and err.strip().startswith(("error:", "stopping")), err
     assert len([line for line in err.splitlines() if line.strip()]) <= 2, err
 
@@ -226,9 +279,12 @@ def test_a_signal_while_starting_is_one_sentence(tmp_path, tiny_data, script, si
     """Importing PyTorch takes seconds: Ctrl-C then printed a KeyboardInterrupt traceback, and SIGTERM
     ended the run without a word (exit 143)."""
     proc = popen(script, *tiny(tiny_data, "--lam", "0") if script == "clsp.py" else tiny(tiny_data), cwd=tmp_path)
-    time.sleep(0.5)                                          # inside `import torch`
+    if os.path.exists(f"/proc/{os.getpid()}/maps"):
+        wait_for(lambda: loading_torch(proc.pid), proc)     # inside `import torch`, however slow the machine
+    else:                                                    # no /proc (not Linux): a guess
+        time.sleep(0.5)                                      # inside `import torch`
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert err.strip().startswith("error: stopped by") and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
@@ -240,7 +296,7 @@ def test_sigterm_stops_generate_after_a_batch_and_says_how_to_continue(chain, tm
     proc = popen("generate.py", "--preset", "tiny", "--batch-size", "2", "--steps", "40", cwd=root)
     wait_for(lambda: os.path.exists(os.path.join(parts, "batch_000000.pt")), proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode != 0 and "rerun the same command to resume" in err and "Traceback" not in err
     assert "batch_000000.pt" in os.listdir(parts)
 
@@ -254,7 +310,7 @@ def test_sigterm_after_the_last_batch_of_generate_says_how_to_finish(chain, tmp_
     parts = os.path.join(root, "runs", "synthetic.pt.parts")
     wait_for(lambda: os.path.exists(os.path.join(parts, "batch_000000.pt")), proc)   # the only batch: done
     proc.send_signal(signal.SIGTERM)                        # now in the w sweep
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert "rerun the same command to finish" in err, err
     assert not os.path.exists(os.path.join(root, "runs", "synthetic.pt.lock"))
