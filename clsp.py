@@ -68,19 +68,25 @@ import torchvision
 
 DEFAULTS = dict(  # the `standard` preset: the authors' recipe, 400 instead of 1000 epochs
     dataset="cifar10", data_dir="data", image_size=32, seed=0,
-    base="simclr",                       # the contrastive method the third positive is added to: simclr | moco
+    base="simclr",                       # the contrastive method the third positive is added to: simclr | moco | nnclr
     positive="synthetic",                # the third positive: a synthetic candidate (CLSP), or "view": another
                                          # augmented view of the real image (the "-aug" control)
     lam=1.0, tau=0.2,                    # authors: lambda 1.0 (their ablation: 94.37; 1.6 gave 94.59), tau 0.2
     epochs=400, batch_size=1024,         # authors: 1000 epochs at batch 1024 (the `paper` preset)
     lr=0.5, momentum=0.9, weight_decay=1e-4, warmup_epochs=10,   # authors' SGD; lr is the one at batch 1024
-    queue=32768, key_momentum=0.99, key_momentum_end=0.999,      # MoCo only (the authors' MoCo-v2 config)
+    queue=32768, key_momentum=0.99, key_momentum_end=0.999,      # MoCo only (the authors' MoCo-v2 config);
+                                                                 # NNCLR: its support set, 65,536 (BASES)
+    lars_eta=0.02,                       # NNCLR only: LARS's trust coefficient (solo-learn's CIFAR recipe)
     knn_every=50, knn_k=200, knn_T=0.1,  # the quick kNN monitor uses evaluate.py's headline k and T
     synthetic="runs/synthetic.pt",
 )
-# What the authors' MoCo-v2 config changes (train_moco_clsp.py, after solo-learn's MoCo-v2+): a flag or a
-# preset still wins. Their lr 0.3 is at batch 512, unscaled; ours is given at batch 1024 and scaled, so 0.6.
-BASES = {"simclr": dict(), "moco": dict(lam=0.5, lr=0.6, batch_size=512)}
+# What each base changes (a flag or a preset still wins). MoCo-v2: the authors' config (train_moco_clsp.py,
+# after solo-learn's MoCo-v2+); their lr 0.3 is at batch 512, unscaled; ours is given at batch 1024 and
+# scaled, so 0.6. NNCLR: solo-learn's CIFAR recipe (nnclr.yaml): LARS at lr 0.4 for batch 256 (1.6 at
+# 1024: solo-learn scales linearly too), weight decay 1e-5, a support set of 65,536. Its CLSP weight is
+# SimCLR's 1.0: no paper reports CLSP on NNCLR, and its loss is SimCLR's with the positive replaced.
+BASES = {"simclr": dict(), "moco": dict(lam=0.5, lr=0.6, batch_size=512),
+         "nnclr": dict(lr=1.6, batch_size=256, weight_decay=1e-5, queue=65536)}
 PRESETS = {
     # seconds on a CPU (64 images at 16x16 after the tiny ddpm/generate): shows the loop works, numbers
     # mean nothing. The architecture is the real one: a toy head would test a different program.
@@ -96,8 +102,9 @@ FREE_ON_RESUME = {"data_dir", "knn_every", "synthetic"}   # the flags --resume m
 
 
 def method_name(s):
-    """One name per method, the paper's: SimCLR, SimCLR-aug, CLSP-SimCLR, MoCo, MoCo-aug, CLSP-MoCo."""
-    base = {"simclr": "SimCLR", "moco": "MoCo"}[s.get("base", "simclr")]
+    """One name per method, the paper's: SimCLR, SimCLR-aug, CLSP-SimCLR, MoCo, MoCo-aug, CLSP-MoCo, and
+    NNCLR, NNCLR-aug, CLSP-NNCLR."""
+    base = {"simclr": "SimCLR", "moco": "MoCo", "nnclr": "NNCLR"}[s.get("base", "simclr")]
     if s["lam"] == 0:
         return base                                   # the plain base: no third positive
     return f"{base}-aug" if s.get("positive", "synthetic") == "view" else f"CLSP-{base}"
@@ -184,11 +191,13 @@ def pick_candidates(synthetic, idx, generator=None):
 #   -> ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, in a random order per image -> RandomGrayscale(0.2)
 #   -> Normalize(mean, std).
 # The authors' MoCo pipeline differs in two places: saturation 0.2, and RandomSolarize with p 0.2 after
-# the grayscale (AUGMENT below). Parameters are drawn like torchvision draws them, so the statistics match
-# (tests/test_clsp.py checks).
+# the grayscale (AUGMENT below). NNCLR's (solo-learn's "asymmetric" CIFAR one) is MoCo's, except that
+# view 1 is never solarised (its step clears view 1's draws). Parameters are drawn like torchvision draws
+# them, so the statistics match (tests/test_clsp.py checks).
 # ------------------------------------------------------------------------------------------------
 
-AUGMENT = {"simclr": dict(saturation=0.4, solarize=0.0), "moco": dict(saturation=0.2, solarize=0.2)}
+AUGMENT = {"simclr": dict(saturation=0.4, solarize=0.0), "moco": dict(saturation=0.2, solarize=0.2),
+           "nnclr": dict(saturation=0.2, solarize=0.2)}
 
 
 def sample_augment_params(B, H, W, device, generator=None, saturation=0.4, solarize=0.0):
@@ -302,13 +311,16 @@ def channel_stats(x):
 
 
 # ------------------------------------------------------------------------------------------------
-# Training: one step of SimCLR + the CLSP term, the same on MoCo-v2, then the loop that repeats either.
-# The third positive x3 is a synthetic candidate (CLSP) or another augmented view of the real image (the
-# "-aug" control: the same extra term and cost, without synthetic data), or None for the plain base.
+# Training: one step of SimCLR + the CLSP term, then the same term on MoCo-v2 and on NNCLR, then the loop
+# that repeats any of them. Every base's step has one signature, train_step(idx, x, x3, step): the batch's
+# training indices, its uint8 real images x [B, 3, H, W], their third positives x3 (a synthetic candidate
+# for CLSP, the image again for the "-aug" control, None for the plain base) and the step number, from
+# which each step computes its own learning rate (and MoCo its key momentum). So the loop never asks
+# which base or which positive it runs.
 # ------------------------------------------------------------------------------------------------
 
 def lr_at(step, s, steps_per_epoch):
-    """SGD's learning rate at `step` (counted from 0): a linear warm-up to lr * B / 1024 over
+    """The learning rate at `step` (counted from 0): a linear warm-up to lr * B / 1024 over
     s["warmup_epochs"], then a cosine to 0 at the last step."""
     peak = s["lr"] * s["batch_size"] / 1024
     warm, total = s["warmup_epochs"] * steps_per_epoch, s["epochs"] * steps_per_epoch
@@ -322,20 +334,30 @@ def term_name(s):
     return "L_aug" if s.get("positive") == "view" else "L_clsp"
 
 
-def make_train_step(net, opt, scaler, s, mean, std, amp=None, compiled=False, layout=None):
-    """SimCLR's step: train_step(x, x3, lr) -> {"L_simclr": ..., "L_clsp" (or "L_aug"): ...}, one SGD step
-    at learning rate lr on the uint8 real images x [B, 3, H, W] and their third positives x3 (None when
-    lam = 0: then only L_simclr). s holds lam and tau; mean, std are the Normalize constants (tensors on
-    the device). Used by the loop below and by tests/benchmark.py."""
+def optimiser_step(opt, scaler, loss, lr):
+    """Backward and one update at learning rate lr, the same for every base (fp16: with loss scaling)."""
+    opt.zero_grad(set_to_none=True)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    scaler.scale(loss).backward()              # fp16 only: loss scaling; otherwise plain backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def make_train_step(net, opt, scaler, s, mean, std, steps_per_epoch, amp=None, compiled=False, layout=None):
+    """SimCLR's step: train_step(idx, x, x3, step) -> {"L_simclr": ..., "L_clsp" (or "L_aug"): ...}, one SGD
+    step on the uint8 real images x and their third positives x3 (None when lam = 0: then only
+    L_simclr). s holds lam and tau; mean, std are the Normalize constants (tensors on the device). Used by
+    the loop below and by tests/benchmark.py."""
     layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
     # Compiled (the default on a GPU): the network and, separately, apply_augment, whose ~290 small
     # operations each read and write the whole batch eagerly; inductor fuses the elementwise ones. The
     # random parameters stay eager, so a compiled run draws the very augmentations an eager run draws.
-    # (What each buys on a GPU is not yet measured; `tests/benchmark.py` times both.)
+    # (`python tests/benchmark.py --stages 3` times both.)
     forward = torch.compile(net) if compiled else net
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
 
-    def train_step(x, x3, lr):
+    def train_step(idx, x, x3, step):
         B, H, W = x.shape[0], x.shape[2], x.shape[3]
         # [v1; v2; v3]: the real batch twice and one third positive per image, all augmented in one call
         # with independent parameters per image, so v1 and v2 (and a "-aug" v3) differ.
@@ -348,16 +370,35 @@ def make_train_step(net, opt, scaler, s, mean, std, amp=None, compiled=False, la
         z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
         z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if x3 is not None else None)
         loss, l_simclr, l_clsp = total_loss(z1, z2, z3, s["lam"], s["tau"])
-        opt.zero_grad(set_to_none=True)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        scaler.scale(loss).backward()              # fp16 only: loss scaling; otherwise plain backward()
-        scaler.step(opt)
-        scaler.update()
+        optimiser_step(opt, scaler, loss, lr_at(step, s, steps_per_epoch))
         return dict(L_simclr=l_simclr.detach(), **({} if z3 is None else {term_name(s): l_clsp.detach()}))
 
     return train_step
 
+
+class Queue:
+    """A ring of L2-normalised embeddings of earlier batches, one per view ([views, Q, d]): MoCo's keys
+    (two queues, the negatives of the other view's queries) and NNCLR's support set (one, of view 1). Each
+    step's B embeddings replace the oldest B, at `ptr` (Q is a multiple of B, so a batch never wraps).
+    Filled with random unit vectors at first, as MoCo and solo-learn's NNCLR start; `index` keeps the
+    training index of each entry (-1: still random), so evaluate.py can read the labels of NNCLR's
+    neighbours."""
+
+    def __init__(self, views, Q, d, device):
+        self.keys = F.normalize(torch.randn(views, Q, d, device=device), dim=2)
+        self.index = torch.full((views, Q), -1, dtype=torch.long, device=device)
+        self.ptr = 0
+
+    def push(self, *keys, index=None):
+        B = keys[0].shape[0]
+        for v, k in enumerate(keys):
+            self.keys[v, self.ptr:self.ptr + B] = k
+        if index is not None:
+            self.index[:, self.ptr:self.ptr + B] = index
+        self.ptr = (self.ptr + B) % self.keys.shape[1]
+
+
+# ---- MoCo-v2 (He et al. 2020; Chen et al. 2020b), the authors' second base ----------------------
 
 def key_momentum_at(step, s, total_steps):
     """MoCo's key-encoder momentum m after step `step`: from key_momentum (0.99) up to key_momentum_end
@@ -366,38 +407,24 @@ def key_momentum_at(step, s, total_steps):
     return m1 - (m1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
 
 
-class KeyQueue:
-    """MoCo's two queues of L2-normalised keys, one per view ([2, Q, d]): the negatives of the other
-    view's queries. A ring: each step's B keys replace the oldest B, at `ptr` (Q is a multiple of B, so a
-    batch never wraps). Filled with random unit vectors at first, as in MoCo."""
-
-    def __init__(self, Q, d, device):
-        self.keys = F.normalize(torch.randn(2, Q, d, device=device), dim=2)
-        self.ptr = 0
-
-    def push(self, k1, k2):
-        B = k1.shape[0]
-        self.keys[0, self.ptr:self.ptr + B] = k1
-        self.keys[1, self.ptr:self.ptr + B] = k2
-        self.ptr = (self.ptr + B) % self.keys.shape[1]
-
-
-def make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, amp=None, compiled=False, layout=None):
-    """MoCo-v2's step (He et al. 2020; Chen et al. 2020b): train_step(x, x3, lr, m) -> {"L_moco": ...,
-    "L_clsp" (or "L_aug"): ...}. The query encoder net (backbone + head) learns; the key encoder key_net
-    is its moving average, k <- m k + (1 - m) q after each step; queue holds the keys of earlier batches.
-    The CLSP term is the SimCLR one on the queries: lam * mean ||q1 - q3||^2, q3 the third positive's query."""
+def make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, steps_per_epoch, amp=None, compiled=False,
+                   layout=None):
+    """MoCo-v2's step: train_step(idx, x, x3, step) -> {"L_moco": ..., "L_clsp" (or "L_aug"): ...}. The
+    query encoder net (backbone + head) learns; the key encoder key_net is its moving average,
+    k <- m k + (1 - m) q after each step; queue (2 views) holds the keys of earlier batches. The CLSP
+    term is the SimCLR one on the queries: lam * mean ||q1 - q3||^2, q3 the third positive's query."""
     layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
     query = torch.compile(net) if compiled else net                # compiled as the SimCLR step is
     key = torch.compile(key_net) if compiled else key_net
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
     q_weights, k_weights = list(net.parameters()), list(key_net.parameters())
+    total_steps = s["epochs"] * steps_per_epoch
 
     def embed(encoder, v):
         with torch.autocast(v.device.type, dtype=amp, enabled=amp is not None):
             return F.normalize(encoder(v).float(), dim=1)
 
-    def train_step(x, x3, lr, m):
+    def train_step(idx, x, x3, step):
         B, H, W = x.shape[0], x.shape[2], x.shape[3]
         raw = torch.cat([x, x] + ([x3] if x3 is not None else []))
         p = sample_augment_params(raw.shape[0], H, W, x.device, **AUGMENT["moco"])   # MoCo's colours
@@ -413,15 +440,11 @@ def make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, amp=None, com
             l_third = clsp_loss(q1, embed(query, views[2 * B:]))
             loss = loss + s["lam"] * l_third
             losses[term_name(s)] = l_third.detach()
-        opt.zero_grad(set_to_none=True)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        optimiser_step(opt, scaler, loss, lr_at(step, s, steps_per_epoch))
         # Only now, after the backward, what changes between steps (a compiled call that failed can be
         # repeated): the key encoder follows the query encoder, and this batch's keys enter the queue,
         # the negatives of the next batches, never of their own.
+        m = key_momentum_at(step, s, total_steps)
         with torch.no_grad():
             torch._foreach_lerp_(k_weights, q_weights, 1 - m)          # k <- m k + (1 - m) q
         queue.push(k1, k2)
@@ -430,7 +453,138 @@ def make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, amp=None, com
     return train_step
 
 
-def train(train_step, x_train, synthetic, s, step, end_of_epoch, stop, progress):
+# ---- NNCLR (Dwibedi et al. 2021), the paper's foil: the nearest neighbour as the positive ----------
+# NNCLR replaces each view's embedding by its nearest neighbour in a support set of earlier embeddings,
+# so the positive is another image that the network already finds close: an *easy* positive, and early
+# in training often of another class. CLSP argues for hard synthetic positives instead; here the CLSP
+# term can be added to NNCLR as to the other bases (CLSP-NNCLR, a combination no paper reports).
+
+def make_nnclr_projector():
+    """NNCLR's projector g: 512 -> 2048 -> 2048 -> 256, BatchNorm after every Linear, ReLU after the
+    first two (solo-learn's). Its output z is what the support set stores and the CLSP term compares."""
+    return nn.Sequential(nn.Linear(512, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True),
+                         nn.Linear(2048, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True),
+                         nn.Linear(2048, 256), nn.BatchNorm1d(256))
+
+
+def make_nnclr_predictor():
+    """NNCLR's predictor q: 256 -> 4096 -> 256 with BatchNorm + ReLU in its hidden layer. It takes the
+    projection (before normalisation) and gives p, the side of each pair that receives the gradient."""
+    return nn.Sequential(nn.Linear(256, 4096), nn.BatchNorm1d(4096), nn.ReLU(inplace=True), nn.Linear(4096, 256))
+
+
+@torch.no_grad()
+def nearest_neighbour(z, support):
+    """NN(z): for each unit vector z_i [B, d], the support-set row [Q, d] of highest cosine (top-1), and its
+    row number. No gradient flows through the search or the neighbour: it is data, as a view is."""
+    row = (z @ support.T).argmax(dim=1)
+    return support[row], row
+
+
+def nnclr_loss(nn1, nn2, p1, p2, tau):
+    """NNCLR's symmetric loss (solo-learn's): (CE(NN(z1) p2^T / tau) + CE(NN(z2) p1^T / tau)) / 2. Row i of
+    NN(z1) p2^T holds the neighbour of view 1 of image i against the predictions of view 2 of every image
+    in the batch; the positive is column i, the other B - 1 are the negatives. Inputs are normalised here."""
+    def ce(nn_, p):
+        logits = F.normalize(nn_, dim=1) @ F.normalize(p, dim=1).T / tau
+        return F.cross_entropy(logits, torch.arange(p.shape[0], device=p.device))
+    return (ce(nn1, p2) + ce(nn2, p1)) / 2
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and LARS (You et al. 2017), as solo-learn's CIFAR recipe runs it (clip_lr,
+    biases and norms excluded). At a large batch one learning rate fits no layer: a layer whose gradient
+    is large next to its weights takes too big a step. LARS scales each weight tensor's step by its trust
+    ratio eta * ||w|| / (||g|| + wd ||w||), so each update moves a weight by about a fixed share of its
+    own norm; clipped at 1 (min(ratio / lr, 1)) it only ever lowers the scheduled lr. Groups with
+    lars False (biases and BatchNorm, lars_param_groups) take plain SGD with momentum and no decay."""
+
+    def __init__(self, params, lr=0.0, momentum=0.9, weight_decay=1e-5, eta=0.02, eps=1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
+                                      lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for w in g["params"]:
+                if w.grad is None:
+                    continue
+                d = w.grad
+                if g["lars"]:                      # torch.where, not `if`: no host sync per tensor
+                    w_norm, g_norm = w.norm(), d.norm()
+                    trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm + g["eps"])
+                    scaled = (d + g["weight_decay"] * w) * (trust / g["lr"]).clamp(max=1)
+                    d = torch.where((w_norm > 0) & (g_norm > 0), scaled, d)
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()
+                else:
+                    state["momentum_buffer"].mul_(g["momentum"]).add_(d)
+                w.add_(state["momentum_buffer"], alpha=-g["lr"])
+
+
+def lars_param_groups(modules):
+    """LARS's two groups: weight tensors (adapted and decayed) and the 1-d biases and BatchNorm parameters
+    (neither), solo-learn's exclude_bias_n_norm."""
+    params = [w for m in (modules if isinstance(modules, (list, tuple)) else [modules]) for w in m.parameters()]
+    return [dict(params=[w for w in params if w.ndim > 1], lars=True),
+            dict(params=[w for w in params if w.ndim <= 1], lars=False)]
+
+
+def make_nnclr_step(net, predictor, queue, opt, scaler, s, mean, std, steps_per_epoch, amp=None, compiled=False,
+                    layout=None):
+    """NNCLR's step: train_step(idx, x, x3, step) -> {"L_nnclr": ..., "L_clsp" (or "L_aug"): ...}. net is
+    backbone + projector, predictor the predictor, queue (1 view) the support set, opt LARS. The CLSP
+    term is the SimCLR one on the projections: lam * mean ||z1 - z3||^2."""
+    layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
+    forward = torch.compile(net) if compiled else net             # compiled as the SimCLR step is
+    predict = torch.compile(predictor) if compiled else predictor
+    augment_views = torch.compile(apply_augment) if compiled else apply_augment
+
+    def embed(v, with_prediction=True):
+        """z = normalize(g(f(v))) and p = q(g(f(v))), one pass per view: BatchNorm per view (solo-learn's)."""
+        with torch.autocast(v.device.type, dtype=amp, enabled=amp is not None):
+            y = forward(v)
+            p = predict(y).float() if with_prediction else None
+        return F.normalize(y.float(), dim=1), p
+
+    def train_step(idx, x, x3, step):
+        B, H, W = x.shape[0], x.shape[2], x.shape[3]
+        raw = torch.cat([x, x] + ([x3] if x3 is not None else []))
+        p = sample_augment_params(raw.shape[0], H, W, x.device, **AUGMENT["nnclr"])
+        p["solarize"][:B] = False                  # the asymmetric recipe: view 1 is never solarised
+        views = augment_views(raw, p, H, mean, std).contiguous(memory_format=layout)
+        (z1, p1), (z2, p2) = embed(views[:B]), embed(views[B:2 * B])
+        # Each view's positive: its nearest neighbour in the support set, paired with the other view's p.
+        (nn1, _), (nn2, _) = nearest_neighbour(z1, queue.keys[0]), nearest_neighbour(z2, queue.keys[0])
+        l_nnclr = nnclr_loss(nn1, nn2, p1, p2, s["tau"])
+        losses = dict(L_nnclr=l_nnclr.detach())
+        loss = l_nnclr
+        if x3 is not None:
+            l_third = clsp_loss(z1, embed(views[2 * B:], with_prediction=False)[0])
+            loss = loss + s["lam"] * l_third
+            losses[term_name(s)] = l_third.detach()
+        optimiser_step(opt, scaler, loss, lr_at(step, s, steps_per_epoch))
+        queue.push(z1.detach(), index=idx)         # after the update, as MoCo's keys: never its own batch's
+        return losses
+
+    return train_step
+
+
+# ---- The loop, the same for every base -------------------------------------------------------------
+
+def third_positive(s, x_train, synthetic):
+    """idx -> the third positives x3 of a batch, chosen once for the run: None for the plain base (lam 0),
+    the images again for the "-aug" control (the step augments them into a third view), or for CLSP one
+    of image i's K candidates, drawn afresh at every draw of i."""
+    if s["lam"] == 0:
+        return lambda idx: None
+    if s["positive"] == "view":
+        return lambda idx: x_train[idx]
+    return lambda idx: pick_candidates(synthetic, idx)
+
+
+def train(train_step, x_train, third, s, step, end_of_epoch, stop, progress):
     """Repeat the step until the last epoch, each on B real images in a seeded per-epoch order (so
     --resume sees the same order) and their third positives. end_of_epoch(step) prints the epoch's
     line and saves. Returns the step reached (earlier on Ctrl-C)."""
@@ -438,15 +592,7 @@ def train(train_step, x_train, synthetic, s, step, end_of_epoch, stop, progress)
     steps_per_epoch, total_steps = order.steps_per_epoch, s["epochs"] * order.steps_per_epoch
     while step < total_steps:
         idx = order.batch(step)
-        x3 = None                                           # lam 0: the plain base
-        if s["lam"] and s["positive"] == "synthetic":
-            x3 = pick_candidates(synthetic, idx)            # CLSP: one of image i's K, afresh at every draw
-        elif s["lam"]:
-            x3 = x_train[idx]                               # "-aug": the image again, for a third view
-        hyper = dict(lr=lr_at(step, s, steps_per_epoch))
-        if s["base"] == "moco":
-            hyper["m"] = key_momentum_at(step, s, total_steps)   # the key encoder's momentum
-        losses = train_step(x_train[idx], x3, **hyper)
+        losses = train_step(idx, x_train[idx], third(idx), step)
         step += 1
         # ---- bookkeeping, at a step boundary, where weights, momentum and RNG agree ----
         progress.add(**losses)                              # summed on the device: no host sync
@@ -527,26 +673,31 @@ def make_knn_monitor(s, backbone, x_train, y_train, mean, std, C, amp):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR or MoCo-v2 + synthetic positives on a ResNet-18.")
+    p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR, MoCo-v2 or NNCLR + synthetic positives on a "
+                                            "ResNet-18.")
     add = settings_adder(p, DEFAULTS, PRESETS)
     add("--dataset", "cifar10 | cifar100 | folder (default: the synthetic set's, or without one the one in runs/)")
     add("--data-dir", "where the data set is (default: the synthetic set's, or without one the one in runs/)")
     add("--image-size", "image size (default: the synthetic set's, or without one the one in runs/)", type=int)
     add("--seed", "random seed", type=int)
-    add("--base", "simclr | moco: the contrastive method the third positive is added to")
+    add("--base", "simclr | moco | nnclr: the contrastive method the third positive is added to")
     add("--positive", "synthetic | view: the third positive, a synthetic candidate (CLSP) or another augmented "
                       "view of the real image (the '-aug' control, no synthetic data)")
     add("--lam", "weight lambda of the third positive's term; 0 = the plain base; MoCo's standard: 0.5", type=float)
-    add("--tau", "temperature of NT-Xent (SimCLR) or InfoNCE (MoCo)", type=float)
+    add("--tau", "temperature of NT-Xent (SimCLR), InfoNCE (MoCo) or NNCLR's loss", type=float)
     add("--epochs", "training epochs (authors: 1000)", type=int)
-    add("--batch-size", "real images per step; 3 views each; MoCo's standard: 512", type=int)
-    add("--lr", "SGD learning rate AT BATCH 1024; the run uses lr * batch / 1024 (linear scaling, "
-                "Goyal et al. 2017); MoCo's standard: 0.6 (the authors' 0.3 at batch 512)", type=float)
-    add("--weight-decay", "on all parameters", type=float)
+    add("--batch-size", "real images per step; 3 views each; MoCo's standard: 512, NNCLR's: 256", type=int)
+    add("--lr", "learning rate AT BATCH 1024; the run uses lr * batch / 1024 (linear scaling, Goyal et al. "
+                "2017); MoCo's standard: 0.6 (the authors' 0.3 at batch 512), NNCLR's: 1.6 (solo-learn's 0.4 at "
+                "batch 256)", type=float)
+    add("--weight-decay", "SGD: on all parameters; NNCLR's LARS: not on biases and BatchNorm; NNCLR's "
+                          "standard: 1e-5", type=float)
     add("--warmup-epochs", "linear warm-up, then cosine to 0", type=int)
-    add("--queue", "MoCo: keys in each of the two queues, a multiple of --batch-size", type=int)
+    add("--queue", "MoCo: keys in each of the two queues; NNCLR: projections in the support set (standard "
+                   "65536); a multiple of --batch-size", type=int)
     add("--key-momentum", "MoCo: the key encoder's momentum m at the start, in [0, 1)", type=float)
     add("--key-momentum-end", "MoCo: m at the end, reached on a half cosine", type=float)
+    add("--lars-eta", "NNCLR: LARS's trust coefficient eta", type=float)
     add("--synthetic", "stage 2's candidate set")
     add("--knn-every", "print a quick kNN top-1 on the test split every N epochs; 0: never", type=int)
     add_run_flags(p, "the network and the augmentation")
@@ -558,9 +709,10 @@ def parse_args(argv=None):
 
 
 def base_settings(s, explicit, preset):
-    """The base's own defaults (MoCo: lam 0.5, lr 0.6, batch 512), under the preset and the flags given."""
+    """The base's own defaults (BASES: MoCo's lam 0.5, lr 0.6, batch 512; NNCLR's LARS recipe), under the
+    preset and the flags given."""
     if s["base"] not in BASES:
-        fail(f"unknown --base {s['base']!r}; choose simclr or moco")
+        fail(f"unknown --base {s['base']!r}; choose simclr, moco or nnclr")
     s.update({k: v for k, v in BASES[s["base"]].items() if k not in explicit and k not in PRESETS[preset]})
 
 
@@ -585,11 +737,16 @@ def check_settings(s, explicit):
     if s["positive"] == "view" and "synthetic" in explicit:
         fail("--positive view takes another augmented view of the real image as the third positive and "
              "reads no synthetic set; drop --synthetic, or use --positive synthetic")
-    if s["base"] == "moco":
+    if s["base"] in ("moco", "nnclr"):
         B, Q = s["batch_size"], s["queue"]
         if Q < B or Q % B:
-            fail(f"--queue {Q} must be a multiple of --batch-size {B}: each step's {B} keys replace the oldest "
-                 f"{B} in the queue; pass --queue {max(B, round(Q / B) * B)}")
+            what = "keys replace the oldest in the queue" if s["base"] == "moco" else \
+                "projections replace the oldest in the support set"
+            fail(f"--queue {Q} must be a multiple of --batch-size {B}: each step's {B} {what}; "
+                 f"pass --queue {max(B, round(Q / B) * B)}")
+    if s["base"] == "nnclr" and not (s["lars_eta"] > 0 and math.isfinite(s["lars_eta"])):
+        fail(f"--lars-eta must be a positive number (LARS's trust coefficient; NNCLR's: 0.02), got {s['lars_eta']}")
+    if s["base"] == "moco":
         for k in ["key_momentum", "key_momentum_end"]:
             if not 0 <= s[k] < 1:
                 fail(f"--{k.replace('_', '-')} must be in [0, 1) (the key encoder keeps that share of its "
@@ -630,42 +787,44 @@ def main(argv=None):
         mean, std = (torch.tensor(v, device=device) for v in norm)
         x_train = x_train.to(device)
         synthetic = syn["images"].to(device) if uses_candidates else None
-        net, key_net, queue, opt, scaler, amp, step = make_model(s, args, device, ckpt)
-        backbone, head = net
+        net, extra, queue, opt, scaler, amp, step = make_model(s, args, device, ckpt)   # extra: MoCo's key
+        backbone, head = net                                                           # encoder, NNCLR's predictor
         knn_monitor = make_knn_monitor(s, backbone, x_train, y_train, mean, std, len(classes), amp)
         print(f"{method}: {N} training images of {info['dataset']} at {info['image_size']}px; lam {s['lam']}, "
               f"tau {s['tau']}, {V} views per image" + (f", K = {synthetic.shape[1]} candidates each" if
               uses_candidates else "") + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
         compiled = compile_enabled(args.compile, device)
+        steps_per_epoch = N // B                  # drop_last: every step sees a full batch
 
-        def make_step(compiled):
+        def make_step(compiled):                  # the base is chosen here, once: the loop never asks
             if s["base"] == "moco":
-                return make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, amp, compiled)
-            return make_train_step(net, opt, scaler, s, mean, std, amp, compiled)
+                return make_moco_step(net, extra, queue, opt, scaler, s, mean, std, steps_per_epoch, amp, compiled)
+            if s["base"] == "nnclr":
+                return make_nnclr_step(net, extra, queue, opt, scaler, s, mean, std, steps_per_epoch, amp, compiled)
+            return make_train_step(net, opt, scaler, s, mean, std, steps_per_epoch, amp, compiled)
         train_step = make_step(compiled)
         if compiled:          # a compile or CUDA-graph failure on this GPU: one sentence, then eager
             train_step = with_eager_fallback(train_step, lambda: make_step(False), "training step", device,
-                                             modules=[m for m in (net, key_net) if m is not None])
-        # a checkpoint holds the weights and SGD's momentum, and MoCo's key encoder and queues
-        require_free_space(args.out, tensor_bytes(net.state_dict().values()) + tensor_bytes(net.parameters()) + (
-            0 if key_net is None else tensor_bytes([*key_net.state_dict().values(), queue.keys])))
-        steps_per_epoch = N // B                  # drop_last: every step sees a full batch
+                                             modules=[m for m in (net, extra) if m is not None])
+        # a checkpoint holds the weights and the optimiser's momentum, and the base's own parts
+        require_free_space(args.out, tensor_bytes(net.state_dict().values()) + tensor_bytes(net.parameters()) +
+                           tensor_bytes(t for t in base_state(s, extra, queue).values() if torch.is_tensor(t)) +
+                           (0 if extra is None else tensor_bytes(extra.state_dict().values())))
         peak = peak_flops(device)
         progress = Progress(s["epochs"], step // steps_per_epoch, "epoch", V * B * steps_per_epoch,
                             peak and steps_per_epoch * flops_per_step(net, V, B, s["image_size"], device,
-                                                                      key_views=2 if key_net is not None else 0), peak,
+                                                                      key_views=2 if s["base"] == "moco" else 0), peak,
                             warming=compiled, on_nan=f"the last good checkpoint {args.out} (if any) is kept; "
                                                      f"start a new run with a lower --lr")
 
         def save(step):
-            moco = {} if key_net is None else dict(key=key_net.state_dict(), queue=queue.keys, queue_ptr=queue.ptr)
             atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), epoch=step // steps_per_epoch,
                              step=step, settings=s, method=method, data=info, classes=classes,
                              synthetic=made_from(syn, s["synthetic"]) if uses_candidates else None,
                              norm=dict(mean=norm[0], std=norm[1]), finished=step == s["epochs"] * steps_per_epoch,
                              num_params=dict(backbone=sum(p.numel() for p in backbone.parameters()),
                                              head=sum(p.numel() for p in head.parameters())),
-                             **moco, **training_state(opt, scaler, device)), args.out)
+                             **base_state(s, extra, queue), **training_state(opt, scaler, device)), args.out)
 
         def end_of_epoch(step):
             done = step // steps_per_epoch
@@ -684,7 +843,8 @@ def main(argv=None):
             print(f"compiling the training step (the first steps take "
                   f"{'about a minute' if device.type == 'cuda' else 'minutes on a CPU'})...", flush=True)
         net.train()
-        step = train(train_step, x_train, synthetic, s, step, end_of_epoch, stop, progress)
+        third = third_positive(s, x_train, synthetic)   # chosen once: the loop never asks which positive
+        step = train(train_step, x_train, third, s, step, end_of_epoch, stop, progress)
         if stop.requested and step < s["epochs"] * steps_per_epoch:   # (a stop in the last step: finished)
             save(step)                            # at a step boundary: weights, momentum and RNG agree
             raise SystemExit(f"interrupted at step {step} (epoch {step / steps_per_epoch:.2f}/{s['epochs']}); saved "
@@ -761,19 +921,26 @@ def training_images(s, syn, ckpt, args):
 
 
 def make_model(s, args, device, ckpt):
-    """The ResNet-18 and its head (net = Sequential(backbone, head)), for MoCo its key encoder and queues,
-    SGD, the fp16 loss scaler and the autocast dtype; from the checkpoint when resuming. Returns them and
-    the step to start from."""
+    """The ResNet-18 and its head (net = Sequential(backbone, head)); the base's own parts, `extra` and
+    `queue` (MoCo: the key encoder and its two queues; NNCLR: the predictor and the support set; SimCLR:
+    None); the optimiser (SGD, or NNCLR's LARS), the fp16 loss scaler and the autocast dtype; from the
+    checkpoint when resuming. Returns them and the step to start from."""
     torch.manual_seed(s["seed"])
     # channels_last (NHWC) is the layout tensor cores want on a GPU; on a CPU plain NCHW measured faster.
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    net = nn.Sequential(make_backbone(), make_head()).to(device, memory_format=layout)
-    key_net = queue = None
+    head = make_nnclr_projector() if s["base"] == "nnclr" else make_head()
+    net = nn.Sequential(make_backbone(), head).to(device, memory_format=layout)
+    extra = queue = None
     if s["base"] == "moco":   # the key encoder starts as a copy of the query encoder and never learns itself
-        key_net = copy.deepcopy(net).requires_grad_(False)
-        queue = KeyQueue(s["queue"], net[1][-1].out_features, device)
-    # SGD with weight decay on every parameter, BatchNorm and biases included (the authors' recipe).
-    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=s["momentum"], weight_decay=s["weight_decay"])
+        extra = copy.deepcopy(net).requires_grad_(False)
+        queue = Queue(2, s["queue"], head[-1].out_features, device)
+    if s["base"] == "nnclr":
+        extra = make_nnclr_predictor().to(device)
+        queue = Queue(1, s["queue"], head[-1].num_features, device)
+        opt = LARS(lars_param_groups([net, extra]), momentum=s["momentum"], weight_decay=s["weight_decay"],
+                   eta=s["lars_eta"])
+    else:   # SGD with weight decay on every parameter, BatchNorm and biases included (the authors' recipe)
+        opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=s["momentum"], weight_decay=s["weight_decay"])
     # Autocast: bf16 on recent GPUs, fp16 + loss scaling on older ones (common.autocast_dtype says why).
     amp = autocast_dtype(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -781,19 +948,31 @@ def make_model(s, args, device, ckpt):
     if ckpt is not None:
         net[0].load_state_dict(ckpt["backbone"])
         net[1].load_state_dict(ckpt["head"])
-        if key_net is not None:
-            key_net.load_state_dict(ckpt["key"])
+        if extra is not None:
+            extra.load_state_dict(ckpt["key" if s["base"] == "moco" else "predictor"])
             queue.keys.copy_(ckpt["queue"])
+            queue.index.copy_(ckpt.get("queue_index", queue.index))
             queue.ptr = ckpt["queue_ptr"]
         step = restore_training_state(ckpt, opt, scaler, device)
         print(f"resuming {args.out} at epoch {ckpt['epoch']}/{s['epochs']} (step {step})", flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick its fastest kernels
-    print(f"ResNet-18 {sum(p.numel() for p in net[0].parameters()) / 1e6:.2f} M + head "
-          f"{sum(p.numel() for p in net[1].parameters()) / 1e6:.2f} M parameters"
-          + ("" if key_net is None else f", and a key encoder of the same size; 2 queues of {s['queue']} keys"),
-          flush=True)
-    return net, key_net, queue, opt, scaler, amp, step
+    millions = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
+    print(f"ResNet-18 {millions(net[0])} + head {millions(net[1])} parameters" + {
+        "simclr": "",
+        "moco": f", and a key encoder of the same size; 2 queues of {s['queue']} keys",
+        "nnclr": f" + predictor {millions(extra)}; a support set of {s['queue']} projections; LARS",
+    }[s["base"]], flush=True)
+    return net, extra, queue, opt, scaler, amp, step
+
+
+def base_state(s, extra, queue):
+    """What a checkpoint holds beyond the backbone and head: MoCo's key encoder and queues, NNCLR's
+    predictor and support set (with the training index of each entry)."""
+    if extra is None:
+        return {}
+    return {"key" if s["base"] == "moco" else "predictor": extra.state_dict(), "queue": queue.keys,
+            "queue_index": queue.index, "queue_ptr": queue.ptr}
 
 
 def flops_per_step(net, V, B, image_size, device, key_views=0):

@@ -187,7 +187,7 @@ def bench_generate(table, device, opts):
 
 def bench_clsp(table, device, opts):
     """Stage 3: clsp.make_train_step, B real images -> [v1; v2; s] = 3B views, forward, backward, SGD;
-    then clsp.make_moco_step, the same on MoCo-v2."""
+    then clsp.make_moco_step and clsp.make_nnclr_step, the same on MoCo-v2 and on NNCLR."""
     sz, amp = opts.sz, common.autocast_dtype("auto", device)
     B, S, N, K = sz["clsp_batch"], sz["img"], sz["clsp_images"], 2
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format   # as clsp.py
@@ -195,68 +195,78 @@ def bench_clsp(table, device, opts):
     synthetic = torch.randint(0, 256, (N, K, 3, S, S), dtype=torch.uint8, device=device)
     mean, std = torch.tensor([0.49, 0.48, 0.45], device=device), torch.tensor([0.25, 0.24, 0.26], device=device)
 
-    def new_net(layout):
+    def new_net(layout, head=clsp.make_head):
         torch.manual_seed(0)                                 # the same initial weights in every row
-        net = nn.Sequential(clsp.make_backbone(), clsp.make_head()).to(device, memory_format=layout)
+        net = nn.Sequential(clsp.make_backbone(), head()).to(device, memory_format=layout)
         return net, torch.optim.SGD(net.parameters(), lr=1e-12, momentum=0.9, weight_decay=1e-4)
 
-    def batch():
-        i = torch.randint(0, N, (B,), device=device)
-        return x_train[i], clsp.pick_candidates(synthetic, i)
+    def settings(batch, **kw):
+        """A one-step schedule at learning rate 1e-12 (lr_at's cosine starts at its peak), so every row
+        times the same weights."""
+        return dict(tau=0.2, positive="synthetic", lr=1e-12 * 1024 / batch, batch_size=batch, epochs=1,
+                    warmup_epochs=0, **kw)
+
+    def batch(size):
+        i = torch.randint(0, N, (size,), device=device)
+        return i, x_train[i], clsp.pick_candidates(synthetic, i)
 
     rows = [("eager fp32", None, False, torch.contiguous_format), ("eager", amp, False, layout)]
     if opts.compile:
         rows.append(("compiled", amp, True, layout))
-    ref = None
-    for name, dtype, compiled, lay in rows:
-        net, opt = new_net(lay)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        step = clsp.make_train_step(net, opt, scaler, dict(lam=1.0, tau=0.2), mean, std, dtype, compiled, lay)
-        torch.manual_seed(1)                                 # the same images and augmentations
-        x, s = batch()
-        if ref is None:
-            flops = common.count_flops(lambda: step(x, s, 1e-12))
-            torch.manual_seed(1)
-            x, s = batch()
-        losses, first = first_call(lambda: [v.item() for v in step(x, s, 1e-12).values()])
-        loss = losses[0] + losses[1]
-        ref = loss if ref is None else ref
-        sec = timed(lambda: step(*batch(), 1e-12), sz["iters"], sz["warmup"], device)
-        table.add("3 CLSP step", name, 3 * B, sec, flops, f"loss {loss:.5f} (plain {ref:.5f})"
-                  + compile_note(first, compiled))
-        if opts.profile and "3" in opts.profile and name == rows[-1][0]:
-            profile(lambda: step(*batch(), 1e-12), device, f"stage 3, {name}")
+
+    def bench_base(label, size, make_step, head=clsp.make_head):
+        """One table row per path of a base's step; make_step(net, opt, scaler, dtype, compiled, layout) ->
+        (train_step, its queue or None)."""
+        ref = flops = None
+        for name, dtype, compiled, lay in rows:
+            net, opt = new_net(lay, head)
+            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+            step, queue = make_step(net, opt, scaler, dtype, compiled, lay)
+            torch.manual_seed(1)                             # the same images and augmentations
+            args = batch(size)
+            if ref is None:
+                saved = None if queue is None else (queue.keys.clone(), queue.index.clone(), queue.ptr)
+                flops = common.count_flops(lambda: step(*args, 0))
+                if queue is not None:                        # the queue as it was before the counted step
+                    queue.keys.copy_(saved[0])
+                    queue.index.copy_(saved[1])
+                    queue.ptr = saved[2]
+                torch.manual_seed(1)
+                args = batch(size)
+            losses, first = first_call(lambda: [v.item() for v in step(*args, 0).values()])
+            loss = losses[0] + losses[1]
+            ref = loss if ref is None else ref
+            sec = timed(lambda: step(*batch(size), 0), sz["iters"], sz["warmup"], device)
+            table.add(label, name, 3 * size, sec, flops, f"loss {loss:.5f} (plain {ref:.5f})"
+                      + compile_note(first, compiled))
+            if opts.profile and "3" in opts.profile and name == rows[-1][0] and label == "3 CLSP step":
+                profile(lambda: step(*batch(size), 0), device, f"stage 3, {name}")
+        return flops
+
+    flops = bench_base("3 CLSP step", B, lambda net, opt, scaler, dtype, compiled, lay: (clsp.make_train_step(
+        net, opt, scaler, settings(B, lam=1.0), mean, std, 1, dtype, compiled, lay), None))
 
     # CLSP on MoCo-v2 (clsp.make_moco_step, as clsp.py --base moco runs it): each view through the query
     # encoder on its own, two more through the key encoder, the queues on the device, at MoCo's batch.
-    Bm, ref = sz["moco_batch"], None
+    def moco_step(net, opt, scaler, dtype, compiled, lay):
+        torch.manual_seed(2)                                 # the same queue in every row
+        queue = clsp.Queue(2, sz["moco_queue"], 256, device)
+        s = settings(sz["moco_batch"], lam=0.5, key_momentum=0.99, key_momentum_end=0.99)
+        return clsp.make_moco_step(net, copy.deepcopy(net).requires_grad_(False), queue, opt, scaler, s,
+                                   mean, std, 1, dtype, compiled, lay), queue
+    bench_base("3 CLSP-MoCo step", sz["moco_batch"], moco_step)
 
-    def moco_batch():
-        i = torch.randint(0, N, (Bm,), device=device)
-        return x_train[i], clsp.pick_candidates(synthetic, i)
-
-    for name, dtype, compiled, lay in rows:
-        net, opt = new_net(lay)
-        key_net = copy.deepcopy(net).requires_grad_(False)
-        queue = clsp.KeyQueue(sz["moco_queue"], 256, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        step = clsp.make_moco_step(net, key_net, queue, opt, scaler, dict(lam=0.5, tau=0.2, positive="synthetic"),
-                                   mean, std, dtype, compiled, lay)
-        torch.manual_seed(1)
-        x, s = moco_batch()
-        if ref is None:
-            saved = queue.keys.clone(), queue.ptr
-            flops_moco = common.count_flops(lambda: step(x, s, 1e-12, 0.99))
-            queue.keys.copy_(saved[0])
-            queue.ptr = saved[1]
-            torch.manual_seed(1)
-            x, s = moco_batch()
-        losses, first = first_call(lambda: [v.item() for v in step(x, s, 1e-12, 0.99).values()])
-        loss = losses[0] + losses[1]
-        ref = loss if ref is None else ref
-        sec = timed(lambda: step(*moco_batch(), 1e-12, 0.99), sz["iters"], sz["warmup"], device)
-        table.add("3 CLSP-MoCo step", name, 3 * Bm, sec, flops_moco, f"loss {loss:.5f} (plain {ref:.5f})"
-                  + compile_note(first, compiled))
+    # CLSP on NNCLR (clsp.make_nnclr_step): each view through the network and the predictor on its own,
+    # the nearest neighbours searched in the support set, LARS, at NNCLR's batch of 256 (CPU: tiny).
+    def nnclr_step(net, opt, scaler, dtype, compiled, lay):
+        torch.manual_seed(2)                                 # the same predictor and support set in every row
+        predictor = clsp.make_nnclr_predictor().to(device)
+        support = clsp.Queue(1, sz["nnclr_queue"], 256, device)
+        opt = clsp.LARS(clsp.lars_param_groups([net, predictor]))
+        s = settings(sz["nnclr_batch"], lam=1.0)
+        return clsp.make_nnclr_step(net, predictor, support, opt, scaler, s, mean, std, 1, dtype, compiled,
+                                    lay), support
+    bench_base("3 CLSP-NNCLR step", sz["nnclr_batch"], nnclr_step, head=clsp.make_nnclr_projector)
 
     # The augmentation alone (random parameters + apply_augment, as clsp.py does it): its share of a
     # step, eager and compiled as clsp.py compiles it.
@@ -273,6 +283,9 @@ def bench_clsp(table, device, opts):
         table.add("3 augmentation", name, 3 * B, sec, 0, "" if name == "eager" else f"max diff to eager {diff:.1e}")
 
     # The checkpoint clsp.py writes at the end of every epoch (weights + SGD momentum), to a local file.
+    net, opt = new_net(layout)                               # a SimCLR checkpoint, one step into a run
+    clsp.make_train_step(net, opt, torch.amp.GradScaler(device.type, enabled=False), settings(B, lam=1.0), mean,
+                         std, 1)(*batch(B), 0)
     state = dict(net=net.state_dict(), optimizer=opt.state_dict())
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "clsp.pt")
@@ -359,11 +372,12 @@ def profile(fn, device, title):
 
 SIZES = {  # the real shapes on a GPU; tiny ones on a CPU, where only "it runs" is being checked
     "cuda": dict(img=32, ch=64, ch_mult=(1, 2, 2, 2), attn_res=16, ddpm_batch=128, gen_batch=2048,
-                 clsp_batch=1024, clsp_images=20_000, moco_batch=512, moco_queue=32768, feat_batch=1024,
-                 iters=20, warmup=5,
+                 clsp_batch=1024, clsp_images=20_000, moco_batch=512, moco_queue=32768, nnclr_batch=256,
+                 nnclr_queue=65536, feat_batch=1024, iters=20, warmup=5,
                  workers=min(16, os.cpu_count() or 1)),
     "cpu": dict(img=16, ch=32, ch_mult=(1, 2), attn_res=8, ddpm_batch=4, gen_batch=4, clsp_batch=4,
-                clsp_images=16, moco_batch=4, moco_queue=8, feat_batch=4, iters=1, warmup=0, workers=0),
+                clsp_images=16, moco_batch=4, moco_queue=8, nnclr_batch=4, nnclr_queue=8, feat_batch=4, iters=1,
+                warmup=0, workers=0),
 }
 
 

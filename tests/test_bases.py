@@ -88,7 +88,7 @@ def test_key_momentum_rises_from_099_to_0999_on_a_half_cosine():
 
 def test_the_queue_is_a_ring_of_the_latest_keys():
     """Q = 6 keys a view, B = 2 a step: what goes in lands at the pointer, the oldest falls out."""
-    queue = clsp.KeyQueue(6, 3, "cpu")
+    queue = clsp.Queue(2, 6, 3, "cpu")
     assert torch.allclose(queue.keys.norm(dim=2), torch.ones(2, 6))   # random unit vectors at first
     batches = [(torch.full((2, 3), float(b)), torch.full((2, 3), -float(b))) for b in range(1, 5)]
     for b, (k1, k2) in enumerate(batches[:3], start=1):
@@ -111,12 +111,14 @@ def test_compiled_moco_step_equals_eager(traced_compile):
         torch.manual_seed(0)
         net = nn.Sequential(clsp.make_backbone(), clsp.make_head())
         key_net = copy.deepcopy(net).requires_grad_(False)
-        queue = clsp.KeyQueue(8, 256, "cpu")
+        queue = clsp.Queue(2, 8, 256, "cpu")
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        s = dict(lam=0.5, tau=0.2, positive="synthetic", lr=0.05 * 1024 / 4, batch_size=4, epochs=1,
+                 warmup_epochs=0, key_momentum=0.99, key_momentum_end=0.999)
         step = clsp.make_moco_step(net, key_net, queue, opt, torch.amp.GradScaler("cpu", enabled=False),
-                                   dict(lam=0.5, tau=0.2, positive="synthetic"), mean, std, None, compiled)
+                                   s, mean, std, 2, None, compiled)
         torch.manual_seed(3)
-        losses = [[v.item() for v in step(x, x3, 0.05, 0.99).values()] for _ in range(2)]
+        losses = [[v.item() for v in step(torch.arange(4), x, x3, i).values()] for i in range(2)]
         return losses, net.state_dict(), key_net.state_dict(), queue.keys.clone()
 
     (l_e, w_e, k_e, q_e), (l_c, w_c, k_c, q_c) = run(False), run(True)

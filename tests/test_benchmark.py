@@ -12,7 +12,8 @@ def test_benchmark_runs_on_cpu():
                           capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr
     table = proc.stdout[proc.stdout.index("| stage"):]
-    for stage in ("1 DDPM train", "2 sampler step", "3 CLSP step", "3 CLSP-MoCo step", "3 augmentation",
+    for stage in ("1 DDPM train", "2 sampler step", "3 CLSP step", "3 CLSP-MoCo step", "3 CLSP-NNCLR step",
+                  "3 augmentation",
                   "4 features"):
         assert stage in table
     assert "DataLoader" in table                        # the plain stage-3 path with torchvision's transforms

@@ -415,10 +415,11 @@ def test_compiled_train_step_equals_eager(traced_compile):
         torch.manual_seed(0)
         net = torch.nn.Sequential(clsp.make_backbone(), clsp.make_head())
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        step = clsp.make_train_step(net, opt, torch.amp.GradScaler("cpu", enabled=False), dict(lam=1.0, tau=0.2),
-                                    mean, std, None, compiled)
+        settings = dict(lam=1.0, tau=0.2, lr=0.05 * 1024 / 4, batch_size=4, epochs=1, warmup_epochs=0)
+        step = clsp.make_train_step(net, opt, torch.amp.GradScaler("cpu", enabled=False), settings, mean, std, 2,
+                                    None, compiled)
         torch.manual_seed(3)
-        losses = [[v.item() for v in step(x, s, 0.05).values()] for _ in range(2)]
+        losses = [[v.item() for v in step(torch.arange(4), x, s, i).values()] for i in range(2)]
         return losses, net.state_dict()
 
     (l_eager, w_eager), (l_comp, w_comp) = run(False), run(True)

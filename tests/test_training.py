@@ -296,15 +296,17 @@ def test_clsp_step_equals_the_recipe(lam):
     x = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g)
     s_img = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g) if lam else None
     mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
-    lrs = [0.3, 0.2]
+    # A two-step run without warm-up: the cosine starts at the peak 0.3 and is halfway down at step 1.
+    schedule = dict(lr=0.3 * 1024 / B, batch_size=B, epochs=1, warmup_epochs=0)
+    lrs = [0.3, 0.15]
 
     net = tiny_net()
     ref = clsp_reference(net, x, s_img, mean, std, lrs, lam, tau, momentum, wd, seed=4)
     opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=momentum, weight_decay=wd)
-    train_step = clsp.make_train_step(net, opt, no_scaler(), dict(lam=lam, tau=tau), mean, std)
+    train_step = clsp.make_train_step(net, opt, no_scaler(), dict(lam=lam, tau=tau, **schedule), mean, std, 2)
     torch.manual_seed(4)
     for i, (lr, r) in enumerate(zip(lrs, ref)):
-        losses = train_step(x, s_img, lr)
+        losses = train_step(torch.arange(B), x, s_img, i)
         assert losses["L_simclr"].item() == pytest.approx(r["L_simclr"], rel=1e-5), i
         if lam:
             assert losses["L_clsp"].item() == pytest.approx(r["L_clsp"], rel=1e-5), i
@@ -383,7 +385,7 @@ def test_moco_step_equals_the_recipe(third):
     Catches: the key encoder updated before the step or with the weights swapped, the queue updated
     before the loss (a batch among its own negatives), keys with a gradient, the views through one
     BatchNorm, a one-sided loss, the CLSP term on keys or without its weight."""
-    B, Q, lam, tau, lr, wd = 4, 8, 0.5, 0.2, 0.3, 1e-3
+    B, Q, lam, tau, wd = 4, 8, 0.5, 0.2, 1e-3
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g)
     x3 = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g) if third else None
@@ -391,19 +393,21 @@ def test_moco_step_equals_the_recipe(third):
     net = moco_net()
     key_net = copy.deepcopy(net).requires_grad_(False)
     torch.manual_seed(1)
-    queue = clsp.KeyQueue(Q, 12, "cpu")
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    s = dict(lam=lam, tau=tau, positive="synthetic")
-    step = clsp.make_moco_step(net, key_net, queue, opt, torch.amp.GradScaler("cpu", enabled=False), s, mean, std)
+    queue = clsp.Queue(2, Q, 12, "cpu")
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9, weight_decay=wd)
+    # A two-step run: lr from its peak 0.3 halfway down the cosine, m from 0.9 halfway up to 0.95.
+    s = dict(lam=lam, tau=tau, positive="synthetic", lr=0.3 * 1024 / B, batch_size=B, epochs=1, warmup_epochs=0,
+             key_momentum=0.9, key_momentum_end=0.95)
+    step = clsp.make_moco_step(net, key_net, queue, opt, torch.amp.GradScaler("cpu", enabled=False), s, mean, std, 2)
 
     # The reference's state, in float64: query weights, key weights, momentum buffers, queues.
     P = [p.detach().double().clone() for p in net.parameters()]            # weight, bias, gamma, beta
     K = [p.detach().double().clone() for p in key_net.parameters()]
     keys = queue.keys.double().clone()
     buf = [None] * 4
-    for n, m in enumerate([0.9, 0.95]):
+    for n, (lr, m) in enumerate([(0.3, 0.9), (0.15, 0.925)]):
         torch.manual_seed(10 + n)
-        losses = step(x, x3, lr, m)
+        losses = step(torch.arange(B), x, x3, n)
         torch.manual_seed(10 + n)                           # the same draws: MoCo's parameters, 2B or 3B
         raw = torch.cat([x, x] + ([x3] if third else []))
         p = clsp.sample_augment_params(raw.shape[0], H, W, "cpu", **clsp.AUGMENT["moco"])
