@@ -10,21 +10,25 @@ anchor's semantics but a different background, pose and colour. The loss is
 where z1, z2 are the embeddings of two augmented views of real image i, z3 that of an augmented
 synthetic candidate s_i = synthetic[i, k], k ~ Uniform{0..K-1} drawn afresh every time i is drawn.
 The paper adds the same term to MoCo-v2 too (`--base moco`: a momentum key encoder and a queue of keys;
-the term on the queries, lam 0.5), and compares six methods, which this file trains:
+the term on the queries, lam 0.5), and argues against NNCLR (`--base nnclr`: each view's positive is its
+nearest neighbour in a support set of earlier embeddings, an *easy* positive). This file trains all three
+bases, each with and without a third positive, nine methods:
 
-    SimCLR       --lam 0                      MoCo       --base moco --lam 0
-    SimCLR-aug   --positive view              MoCo-aug   --base moco --positive view
-    CLSP-SimCLR  (the default)                CLSP-MoCo  --base moco
+                       --lam 0 (the base)   --positive view ("-aug")   (the default: CLSP)
+    (--base simclr)    SimCLR               SimCLR-aug                 CLSP-SimCLR
+    --base moco        MoCo                 MoCo-aug                   CLSP-MoCo
+    --base nnclr       NNCLR                NNCLR-aug                  CLSP-NNCLR
 
 `--lam 0` is the plain base, the baseline every CLSP number is compared with. The "-aug" controls make
 the third positive another augmented view of the real image instead of a candidate: the same term and
 the same cost, so CLSP beside its "-aug" control shows what a *synthetic* positive adds beyond a third
-view. Neither reads synthetic data.
+view. Neither reads synthetic data. CLSP-NNCLR (the term on NNCLR's projections) is no paper's method.
 
     python clsp.py                                   # standard preset, after `python generate.py`
     python clsp.py --lam 0 --out runs/clsp_lam0.pt   # the SimCLR baseline (needs no candidates)
     python clsp.py --positive view --out runs/clsp_aug.pt          # the SimCLR-aug control
     python clsp.py --base moco --out runs/clsp_moco.pt             # CLSP on MoCo-v2
+    python clsp.py --base nnclr --lam 0 --out runs/clsp_nnclr_lam0.pt   # NNCLR, the paper's foil
     python clsp.py --preset quick                    # ~30 epochs, part of the ~10 min quick pipeline
     python clsp.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
     python clsp.py --resume                          # continue an interrupted run to its last epoch
@@ -33,14 +37,15 @@ Reads:  runs/synthetic.pt (from generate.py; only for CLSP) and the training ima
         directory and image size default to the ones the synthetic set was made from; without
         candidates, to those of runs/synthetic.pt or runs/ddpm.pt when there is one (it says which), so
         baselines and controls train on the same images as CLSP.
-Writes: runs/clsp.pt (backbone + head weights, for MoCo the key encoder and queues, optimiser, epoch,
-        settings, the method's name, what it was made from), saved atomically at the end of every epoch.
+Writes: runs/clsp.pt (backbone + head weights, for MoCo the key encoder and queues, for NNCLR the
+        predictor and support set, optimiser, epoch, settings, the method's name, what it was made from),
+        saved atomically at the end of every epoch.
 
 Speed: the whole data set (real and synthetic, uint8) lives on the GPU and the augmentations are
 batched tensor code there, so no DataLoader sits on the hot path (the airbench recipe). Goal: one
 CIFAR-10 epoch (50,000 images x 3 views, batch 1024) in at most 2 s on one H100, i.e. the authors'
 1000 epochs in well under an hour (theirs: ~6 h on 4 GPUs). GPU times are not yet measured. The tiny
-preset (64 images at 16x16, 2 epochs) takes 5 to 8 s on a 2-core CPU, any of the six methods.
+preset (64 images at 16x16, 2 epochs) takes 5 to 8 s on a 2-core CPU, any of the SimCLR and MoCo methods.
 """
 
 import argparse

@@ -146,6 +146,76 @@ def test_the_cache_never_stands_in_for_changed_images(tmp_path):
     assert common.data_info("folder", x2, y2, classes) != common.data_info("folder", x1, y1, classes)
 
 
+# ---- The data fingerprint: the pixels and the labels ------------------------------------------------
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_fingerprint_changes_with_the_labels_alone():
+    """The fingerprint hashes every pixel and every label: the same images under other labels are other
+    data (a model trained on them learnt other classes), and so are other pixels under the same labels."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(12) % 3
+    classes = ["a", "b", "c"]
+    info = common.data_info("folder", x, y, classes)
+    assert common.data_info("folder", x.clone(), y.clone(), classes) == info         # a function of the data
+    shuffled = y[torch.randperm(12, generator=g)]
+    assert not torch.equal(shuffled, y) and torch.equal(shuffled.bincount(), y.bincount())   # same counts
+    other_labels = common.data_info("folder", x, shuffled, classes)
+    assert other_labels["fingerprint"] != info["fingerprint"]
+    assert {**other_labels, "fingerprint": None} == {**info, "fingerprint": None}   # only the fingerprint tells
+    other_pixels = x.clone()
+    other_pixels[5, 1, 2, 3] ^= 1
+    assert common.data_info("folder", other_pixels, y, classes)["fingerprint"] != info["fingerprint"]
+
+
+def test_a_folder_whose_labels_changed_is_refused_by_the_next_stage(chain, tmp_path, monkeypatch):
+    """One training image moved to another class folder, so the images load in the same order, pixel for
+    pixel, under other labels: generate.py refuses the DDPM trained on the folder as it was."""
+    import generate
+    root = chain.copy_upto("ddpm.py", tmp_path / "chain")
+    moved = str(tmp_path / "moved")
+    shutil.copytree(chain.data, moved, ignore=shutil.ignore_patterns(".clsp_cache_*"))
+    # class0 holds 000.png ... 015.png: zzz.png sorts after them, just before class1's 001.png.
+    os.rename(os.path.join(moved, "train", "class1", "000.png"), os.path.join(moved, "train", "class0", "zzz.png"))
+    x, y, classes = common.load_dataset("folder", chain.data, "train", 16)
+    x2, y2, classes2 = common.load_dataset("folder", moved, "train", 16)
+    assert torch.equal(x2, x) and classes2 == classes and not torch.equal(y2, y)   # the same images, relabelled
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--preset", "tiny", "--device", "cpu", "--data-dir", moved])
+    assert "may have changed" in str(e.value) and "fingerprint" in str(e.value), str(e.value)
+    assert not os.path.exists(os.path.join(root, "runs", "synthetic.pt"))
+
+
+# ---- The epoch order: a new shuffle each epoch, the same one for the same seed ------------------------
+
+@pytest.mark.usefixtures("one_thread")
+def test_each_epoch_is_a_new_shuffle_and_a_seed_repeats_it():
+    """EpochOrder(N, B, seed): each epoch visits N // B full batches of distinct images (drop_last), in an
+    order of its own, so over the epochs every image is seen; the same seed gives the same order, also to
+    an order made afresh and asked for a later step first (what a resumed run does); another seed another."""
+    N, B, epochs = 10, 3, 8
+    order = common.EpochOrder(N, B, 7, "cpu")
+    assert order.steps_per_epoch == N // B
+    seen = []
+    for e in range(epochs):
+        batches = [order.batch(e * order.steps_per_epoch + i) for i in range(order.steps_per_epoch)]
+        assert all(b.shape == (B,) for b in batches)
+        epoch = torch.cat(batches).tolist()
+        assert len(set(epoch)) == len(epoch) == (N // B) * B and all(0 <= i < N for i in epoch), (e, epoch)
+        seen.append(epoch)
+    assert len({tuple(epoch) for epoch in seen}) == epochs                 # no two epochs in the same order
+    assert set(sum(seen, [])) == set(range(N))                             # the dropped image changes too
+    resumed = common.EpochOrder(N, B, 7, "cpu")
+    step = 5 * order.steps_per_epoch + 2                                   # epoch 5, its third batch
+    assert resumed.batch(step).tolist() == seen[5][2 * B:3 * B]
+    assert [resumed.batch(s).tolist() for s in range(order.steps_per_epoch)] == \
+        [seen[0][i * B:(i + 1) * B] for i in range(order.steps_per_epoch)]
+    other = common.EpochOrder(N, B, 8, "cpu")
+    assert [other.batch(s).tolist() for s in range(order.steps_per_epoch)] != \
+        [seen[0][i * B:(i + 1) * B] for i in range(order.steps_per_epoch)]
+
+
 # ---- Precision follows the device --------------------------------------------------------------------
 
 def test_autocast_dtype_follows_the_gpu(monkeypatch):

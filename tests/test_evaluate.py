@@ -1,6 +1,7 @@
 """Tests of stage 4 (evaluate.py): the two classifiers against independent computations, and the whole
 tiny pipeline as a user runs it, including what happens when a stage is run before its input exists."""
 
+import glob
 import json
 import math
 import os
@@ -120,6 +121,74 @@ def test_probe_is_at_chance_on_random_labels():
     top1, _ = linear_probe(f_train, f_train.clone(), y_train, f_test, y_test, 4, epochs=100, batch_size=256,
                            log_every=1000)
     assert 20 < top1 < 30
+
+
+# ------------------------------------------------------------------------------------------------
+# The linear probe's mirror images, and the diagnostics' nearest neighbour (NNCLR's positive).
+# ------------------------------------------------------------------------------------------------
+
+def test_the_probes_mirror_images_are_left_right_mirrors(tmp_path, monkeypatch):
+    """evaluate.py hands the probe, beside each training image's features, those of its horizontal mirror
+    image (the probe's only augmentation): exactly the features evaluate.py finds for a folder holding
+    the same images mirrored left to right by PIL, not upside down (the width axis of NCHW, not the height)."""
+    from PIL import Image, ImageOps
+    import clsp
+    import evaluate
+    make_image_folder(str(tmp_path / "data"), n_train=4, n_test=1, size=8)
+    for split in ("train", "test"):                             # the same folder, each image mirrored
+        for path in glob.glob(str(tmp_path / "data" / split / "*" / "*.png")):
+            out = path.replace(str(tmp_path / "data"), str(tmp_path / "mirrored"))
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            ImageOps.mirror(Image.open(path)).save(out)
+    monkeypatch.chdir(tmp_path)
+    clsp.main(["--preset", "tiny", "--image-size", "8", "--batch-size", "8", "--knn-every", "0", "--lam", "0",
+               "--epochs", "1", "--dataset", "folder", "--data-dir", "data", "--device", "cpu"])
+    handed = []
+
+    def recording_probe(f_train, f_train_flip, *args, **kwargs):
+        handed.append((f_train, f_train_flip))
+        return 50.0, 1.0                                        # its own accuracy is tested above
+    monkeypatch.setattr(evaluate, "linear_probe", recording_probe)
+    for name in ("data", "mirrored"):
+        evaluate.main(["--preset", "tiny", "--data-dir", name, "--synthetic", "none", "--device", "cpu",
+                       "--out", f"runs/eval_{name}.json"])
+    (plain, flipped), (of_mirrored, _) = handed
+    torch.testing.assert_close(flipped, of_mirrored, rtol=1e-4, atol=1e-5)
+    assert (flipped - plain).abs().max() > 1e-3                 # a mirror image has features of its own
+
+
+def test_nnclrs_positive_is_the_training_image_of_highest_cosine(monkeypatch):
+    """NNCLR's positive in evaluate.py's diagnostics: the training image whose features have the highest
+    cosine similarity with those of a view of the anchor (the anchor itself left out). Each anchor here has
+    a neighbour of its own class at cosine 0.995 but a small norm, and one of another class at cosine 0.71
+    with a large norm, the highest dot product: the true-label agreement is 100 %, not 0 %.
+
+    A stand-in backbone makes this exact: its features are an image's mean colour (every image here has
+    one colour), and the views are the images themselves (the augmentation is replaced)."""
+    import evaluate
+    colours = [(200, 0, 0), (255, 255, 0), (77, 8, 0), (0, 0, 200), (0, 255, 255), (0, 8, 77)]
+    y_train = torch.tensor([0, 1, 0, 1, 0, 1])
+    # anchor 0 (red): image 1 (cos 0.71, dot 1.0, class 1) against image 2 (cos 0.995, dot 0.30, class 0);
+    # anchor 3 (blue): image 4 (cos 0.71, dot 1.0, class 0) against image 5 (cos 0.995, dot 0.30, class 1).
+    x_train = torch.tensor(colours, dtype=torch.uint8).view(6, 3, 1, 1).expand(6, 3, 8, 8).contiguous()
+
+    class MeanColour(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+    monkeypatch.setattr(evaluate, "augment", lambda x, size, mean, std, generator=None, base="simclr":
+                        (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    mean, std = torch.zeros(3), torch.ones(3)                   # features: the colour / 255
+    f_train = x_train.float().mean(dim=(2, 3)) / 255
+    cos = torch.nn.functional.normalize(f_train, dim=1) @ torch.nn.functional.normalize(f_train, dim=1).T
+    dot = f_train @ torch.nn.functional.normalize(f_train, dim=1).T
+    assert cos[[0, 3], [2, 5]].min() > 0.99 and (cos[[0, 3], [1, 4]] - 2 ** -0.5).abs().max() < 1e-6
+    assert (dot[[1, 4], [0, 3]] > 3 * dot[[2, 5], [0, 3]]).all()   # the dot product would pick 1 and 4
+    syn = dict(images=x_train[[0, 3]].unsqueeze(1), anchor_index=torch.tensor([0, 3]))   # K = 1
+    data = dict(x_train=x_train, y_train=y_train, C=2, mean=mean, std=std)
+    s = dict(seed=0, diag_anchors=2, image_size=8, batch_size=64, knn_k=3, knn_temp=0.1)
+    diag = evaluate.diagnose_candidates(syn, MeanColour(), f_train, None, data, s, None)
+    assert diag["neighbour_true_label_agreement"] == 100.0, diag
+    assert diag["cos_anchor_neighbour"] == pytest.approx(float(cos[0, 2]), abs=1e-5), diag
 
 
 # ------------------------------------------------------------------------------------------------

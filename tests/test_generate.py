@@ -314,3 +314,19 @@ def test_sampler_pads_every_batch_to_one_shape(monkeypatch):
     out = sampler.candidates(anchors, 2, 0.1, 5)
     assert out.shape == (3, 2, 3, 16, 16) and out.dtype == torch.uint8
     assert set(shapes) == {(10, 3, 16, 16)}
+
+
+def test_each_batch_starts_from_noise_of_its_own():
+    """The same anchor in batch 0 and in batch 1 gets other candidates: each batch draws its own x_T and
+    noise (one seed for every batch would repeat batch 0's noise in every batch, and identical anchors,
+    or any two batches at w near 1, would get identical candidates). Batch b made again, as a resumed run
+    makes it, is the same, bit for bit; and the K candidates of one anchor differ from one another."""
+    unet, abar = small_unet(), ddpm.make_schedule()
+    anchor = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    sampler = generate.Sampler(unet, abar, S=3, eta=0.1, seed=0, rows=2)
+    first, second = sampler.candidates(anchor, 2, 0.1, 0), sampler.candidates(anchor, 2, 0.1, 1)
+    assert torch.equal(sampler.candidates(anchor, 2, 0.1, 0), first)           # resume: the same batch again
+    differ = lambda a, b: (a.float() - b.float()).abs().mean().item()
+    assert differ(first, second) > 1.0, differ(first, second)                  # of 255: other noise, not rounding
+    assert differ(first[0, 0], first[0, 1]) > 1.0                              # and K = 2 draws of its own
+    assert differ(first[0], sampler.candidates(anchor, 2, 0.1, 5)[0]) > 1.0   # any two batches
