@@ -963,11 +963,10 @@ def make_model(s, args, device, ckpt):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True     # fixed shapes: let cuDNN pick its fastest kernels
     millions = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f} M"
-    print(f"ResNet-18 {millions(net[0])} + head {millions(net[1])} parameters" + {
-        "simclr": "",
-        "moco": f", and a key encoder of the same size; 2 queues of {s['queue']} keys",
-        "nnclr": f" + predictor {millions(extra)}; a support set of {s['queue']} projections; LARS",
-    }[s["base"]], flush=True)
+    parts = {"simclr": lambda: "",
+             "moco": lambda: f", and a key encoder of the same size; 2 queues of {s['queue']} keys",
+             "nnclr": lambda: f" + predictor {millions(extra)}; a support set of {s['queue']} projections; LARS"}
+    print(f"ResNet-18 {millions(net[0])} + head {millions(net[1])} parameters" + parts[s["base"]](), flush=True)
     return net, extra, queue, opt, scaler, amp, step
 
 

@@ -24,8 +24,10 @@ Beside both, the same two numbers for the positive that nearest-neighbour method
 the training image nearest to a view of the anchor, with its true label: the paper's case is that such
 a neighbour is an *easy* positive and, early in training, often of another class.
 
-Any of clsp.py's six methods (SimCLR, SimCLR-aug, CLSP-SimCLR, MoCo, MoCo-aug, CLSP-MoCo) is evaluated
-the same way: the query encoder's backbone for MoCo. The closing table names each run by its method.
+Any of clsp.py's nine methods (SimCLR, MoCo-v2 and NNCLR, each plain, "-aug" and CLSP) is evaluated the
+same way: the query encoder's backbone for MoCo. For an NNCLR checkpoint the neighbour row is read twice:
+from the training set, as for every method, and from the checkpoint's own support set, the neighbours its
+training took. The closing table names each run by its method.
 
     python evaluate.py                               # runs/clsp.pt on its own data set, all numbers
     python evaluate.py --dataset cifar100            # transfer: a CIFAR-10 backbone probed on CIFAR-100
@@ -58,7 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Stage 3's method, written once in clsp.py: the ResNet-18, its augmentation and normalisation, and the kNN vote.
-from clsp import augment, channel_stats, features, knn_predict, make_backbone, method_name
+from clsp import (augment, channel_stats, features, knn_predict, make_backbone, make_nnclr_projector, method_name,
+                  nearest_neighbour)
 
 # ------------------------------------------------------------------------------------------------
 # Settings. The protocols are the same in every preset but `tiny`; they are cheap on features.
@@ -147,7 +150,7 @@ def knn_accuracy(f_test, f_train, data, k, temp):
     return 100 * (pred == data["y_test"]).float().mean().item()
 
 
-def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simclr"):
+def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simclr", support=None):
     """How hard the candidates are and how often they are true positives, like for like: each candidate
     is augmented with clsp.py's own pipeline, as in training, and set beside an augmented view of its
     anchor. Hard: the cosine of a view of the anchor and its candidate, beside that of two views of the
@@ -158,7 +161,12 @@ def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simcl
     And the positive that nearest-neighbour methods (NNCLR) use instead: the training image nearest to a
     view of the anchor in this backbone's space (the anchor left out), measured the same way, a view of
     it beside a view of the anchor, with its true label too. The paper's point: such a neighbour is an
-    easy positive (close already) and, early in training, often of another class."""
+    easy positive (close already) and, early in training, often of another class.
+
+    For an NNCLR checkpoint (support: its projector's weights and its support set, with the training
+    index of each entry), also the neighbour its training actually took: the support-set entry nearest to
+    the projection of view 1 of the anchor, read as the training image it came from (one saved at most an
+    epoch earlier, possibly the anchor itself)."""
     images, y_train, device = syn["images"], data["y_train"], data["x_train"].device
     K = images.shape[1]
     g = torch.Generator().manual_seed(s["seed"])         # a random subset of anchors, fixed by --seed
@@ -209,6 +217,21 @@ def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simcl
         (diag["candidate_label_agreement_judge"], diag["view_label_agreement_judge"],
          diag["neighbour_label_agreement_judge"]) = agreement(feats(jb, data["x_train"]), f_cand_j, f_v2_j,
                                                               nn_views(jb))
+    if support is not None:                              # NNCLR's own neighbour, from its support set
+        head = make_nnclr_projector()
+        head.load_state_dict(support["head"])
+        with torch.no_grad():
+            z1 = F.normalize(head.to(device).eval()(f_v1), dim=1)
+        _, row = nearest_neighbour(z1, support["keys"].to(device))
+        source = support["index"].to(device)[row]        # the training image of each neighbour; -1: random
+        known = source >= 0                              # (a support set still holding its random start)
+        if known.any():
+            a, nb = anchor[known], source[known]
+            f_snn = views(data["x_train"][nb], s["seed"] + 4)(backbone)
+            diag.update(support_neighbours=int(known.sum()),
+                        cos_anchor_support_neighbour=cos(f_v2[known], f_snn),
+                        support_neighbour_true_label_agreement=100 * (y_train[nb] == y_train[a]).float().mean().item(),
+                        support_neighbour_is_anchor=100 * (nb == a).float().mean().item())
     diag["chance"] = 100 / data["C"]
     return diag
 
@@ -283,7 +306,7 @@ def main(argv=None):
         amp = autocast_dtype(args.precision, device)
         backbone = frozen_backbone(ckpt["backbone"], args.checkpoint, device)
         lam = ckpt["settings"].get("lam")
-        method = method_name(ckpt["settings"])     # SimCLR, SimCLR-aug, CLSP-SimCLR, MoCo, MoCo-aug, CLSP-MoCo
+        method = method_name(ckpt["settings"])     # SimCLR, SimCLR-aug, CLSP-SimCLR, MoCo, ..., CLSP-NNCLR
         print(f"backbone {args.checkpoint} ({method}, lam {lam}, epoch {ckpt.get('epoch')}, trained on "
               f"{ckpt['data']['dataset']}) evaluated on {data['info']['dataset']}: {data['info']['num_train']} "
               f"training and {data['x_test'].shape[0]} test images, {data['C']} classes"
@@ -314,8 +337,10 @@ def main(argv=None):
         diag = None
         if syn is not None:
             t0 = sync_time(device)
-            base = ckpt["settings"].get("base", "simclr")           # its augmentation: SimCLR's or MoCo's
-            diag = diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base)
+            base = ckpt["settings"].get("base", "simclr")   # its augmentation: SimCLR's, MoCo's or NNCLR's
+            support = dict(head=ckpt["head"], keys=ckpt["queue"][0], index=ckpt["queue_index"][0]) \
+                if base == "nnclr" else None                 # NNCLR: its neighbours from its own support set
+            diag = diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base, support)
             times["diagnostics"] = sync_time(device) - t0
         times["total"] = time.perf_counter() - t_start
 
@@ -433,10 +458,16 @@ def print_table(result, method):
         for name, cos, key, true in [("another view of the anchor", "cos_two_views", "view", None),
                                      (f"a synthetic candidate (of K = {diag['K']})", "cos_anchor_candidate",
                                       "candidate", None),
-                                     ("its nearest neighbour (NNCLR's)", "cos_anchor_neighbour", "neighbour",
+                                     ("its nearest training image", "cos_anchor_neighbour", "neighbour",
                                       "neighbour_true_label_agreement")]:
             agree = pct(f"{key}_label_agreement") + (f" / {pct(key + '_label_agreement_judge')}" if judged else "")
             print(f"  {name:<34} {diag[cos]:7.3f}  {agree:>24}  {pct(true) if true else '':>10}")
+        if "support_neighbours" in diag:            # an NNCLR checkpoint: the neighbour its training took
+            print(f"  {'its support-set neighbour':<34} {diag['cos_anchor_support_neighbour']:7.3f}  "
+                  f"{'-':>24}  {pct('support_neighbour_true_label_agreement'):>10}\n"
+                  f"  (the support set: NNCLR's own positives, {diag['support_neighbours']} of them read as the "
+                  f"training image they came from, {diag['support_neighbour_is_anchor']:.1f} % the anchor itself; "
+                  f"the nearest training image leaves the anchor out)")
         print(f"  (chance {diag['chance']:.1f} %{'; judge: ' + diag['judge'] if judged else ''})")
     if info["num_classes"] < 2:
         print("  (a single class: every accuracy above is 100 % by construction and means nothing)")
@@ -458,7 +489,8 @@ def print_all_results(folder):
                          f"{r['knn_top1']:.2f}", f"{r['linear_top1']:.2f}"))
         except (OSError, ValueError, KeyError, TypeError):
             continue                                       # not an evaluate.py result: left out
-    order = ["SimCLR", "SimCLR-aug", "CLSP-SimCLR", "MoCo", "MoCo-aug", "CLSP-MoCo"]   # the paper's table
+    order = ["SimCLR", "SimCLR-aug", "CLSP-SimCLR", "MoCo", "MoCo-aug", "CLSP-MoCo",   # the paper's table,
+             "NNCLR", "NNCLR-aug", "CLSP-NNCLR"]                                      # then its foil
     rows.sort(key=lambda r: (order.index(r[2]), r[0]))
     if len(rows) > 1:
         print(f"\nall results in {folder}:\n")
