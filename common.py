@@ -5,7 +5,7 @@ The method lives in the four stage files, each read top to bottom on its own:
     ddpm.py      stage 1: the forward process, the UNet, DDIM sampling, Algorithm 1 of Ho et al.
     generate.py  stage 2: interpolated DDIM sampling, K synthetic positives per training image
     clsp.py      stage 3: the ResNet-18, the augmentations, SimCLR's NT-Xent + the CLSP term, the same
-                 term on MoCo-v2, the '-aug' controls, the kNN vote
+                 term on MoCo-v2 and on NNCLR, the '-aug' controls, the kNN vote
     evaluate.py  stage 4: the linear probe, the diagnostics of the positives
 
 This file holds what makes each of them a dependable program and what none of them is about: settings

@@ -9,7 +9,7 @@
 # Order: the DDPM, its candidates, the SimCLR baseline (lam 0) first, so that it can judge the
 # candidates, then the SimCLR-aug control (a third augmented view instead of a candidate), then CLSP
 # (lam 1), then the three evaluations (kNN k 200 T 0.1 and the linear probe), with the same DDPM,
-# candidates, epochs and seed. Each stage runs under its own time limit in seconds, so a slow
+# candidates, epochs and seed; then NNCLR, the paper's foil, and its evaluation, when time is left. Each stage runs under its own time limit in seconds, so a slow
 # stage cannot eat the others' time: a stage stopped by its limit gets SIGTERM and saves where it is. A
 # cut DDPM or CLSP run goes on as it is (the results then say "unfinished", and a comparison of
 # unfinished runs is marked as not like for like); a cut candidate set leaves nothing for CLSP, whose
@@ -21,6 +21,7 @@
 #   DDPM_FLAGS, GEN_FLAGS, CLSP_FLAGS, EVAL_FLAGS   extra flags per script, e.g. DDPM_FLAGS="--steps 6000"
 #   SEEDS="0"             CLSP and SimCLR seeds, e.g. SEEDS="0 1" for two of each
 #   T_DDPM=180 T_GEN=100 T_CLSP=70 T_EVAL=25 T_BENCH=420   the time limits (seconds)
+#   T_TOTAL=590           the NNCLR run (after the SimCLR three) starts only if it fits in this total
 #   BENCH=0               1: run tests/benchmark.py --more first (stages BENCH_STAGES=123)
 #   WORK=/tmp/clsp_quick  where runs/ lives (not under OUT: only the six result files come back)
 #   PY=python3
@@ -80,6 +81,19 @@ for seed in $SEEDS; do
             --judge "runs/clsp_lam0_s$seed.pt" --out "runs/eval_$ckpt.json" ${EVAL_FLAGS:-}
     done
 done
+
+# NNCLR, the paper's foil (clsp.py --base nnclr --lam 0), with the first seed, only when the budget
+# T_TOTAL still holds a run and its evaluation: the SimCLR comparison above always comes first.
+first_seed=${SEEDS%% *}
+if [ $(( SECONDS + ${T_CLSP:-70} + ${T_EVAL:-25} )) -le "${T_TOTAL:-590}" ]; then
+    stage "clsp nnclr seed $first_seed" "${T_CLSP:-70}" $PY "$REPO/clsp.py" --preset "$PRESET" --base nnclr --lam 0 \
+        --seed "$first_seed" --out "runs/clsp_nnclr_s$first_seed.pt" ${CLSP_FLAGS:-}
+    [ -f "$WORK/runs/clsp_nnclr_s$first_seed.pt" ] && stage "evaluate clsp_nnclr_s$first_seed" "${T_EVAL:-25}" \
+        $PY "$REPO/evaluate.py" --preset "$PRESET" --checkpoint "runs/clsp_nnclr_s$first_seed.pt" \
+        --judge "runs/clsp_lam0_s$first_seed.pt" --out "runs/eval_clsp_nnclr_s$first_seed.json" ${EVAL_FLAGS:-}
+else
+    echo "=== NNCLR skipped: ${SECONDS} s used of T_TOTAL=${T_TOTAL:-590}" | tee -a "$LOG"
+fi
 
 # The pictures, and every number in two files: results.json (all of it) and results.md (the tables).
 cp "$WORK"/runs/ddpm_samples.png "$WORK"/runs/synthetic_preview.png "$WORK"/runs/synthetic_w_sweep.png "$OUT"/ 2>/dev/null
