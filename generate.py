@@ -43,6 +43,7 @@ Time:   tiny: 4.7 s on an idle 2-core CPU. On a GPU: not yet measured (the goal 
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time

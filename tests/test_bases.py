@@ -197,7 +197,7 @@ def test_the_six_methods_train_and_evaluate_in_the_tiny_chain(chain, tmp_path):
     table = proc.stdout[proc.stdout.index("all results in"):]
     methods = [line.split(" | ")[2] for line in table.splitlines() if line.startswith("| eval")]
     assert methods == ["SimCLR", "SimCLR-aug", "CLSP-SimCLR", "MoCo", "MoCo-aug", "CLSP-MoCo"], table
-    assert "its nearest neighbour (NNCLR's)" in proc.stdout and "judge: runs/clsp_lam0.pt" in proc.stdout
+    assert "its nearest training image" in proc.stdout and "judge: runs/clsp_lam0.pt" in proc.stdout
     ckpt = torch.load(os.path.join(root, "runs", "moco_aug.pt"), weights_only=True)
     assert ckpt["method"] == "MoCo-aug" and ckpt["synthetic"] is None and ckpt["settings"]["lam"] == 0.5
     assert ckpt["queue"].shape == (2, 64, 256)                               # two queues of 64 keys
