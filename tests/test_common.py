@@ -10,6 +10,7 @@ paste) are in test_faults.py; this file checks the pieces of common.py those scr
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -123,6 +124,19 @@ def test_a_cache_save_cut_short_leaves_no_temporary_file(tmp_path):
     assert sorted(f for f in os.listdir(d) if f.startswith(".")) == [".clsp_cache_train_16px.pt"]
 
 
+def test_a_cache_save_cut_short_at_another_size_is_removed_too(tmp_path):
+    """The README: the next run that reads the folder removes a temporary file a killed cache save left,
+    whatever split and size that save was for."""
+    d = make_image_folder(str(tmp_path / "d"), n_train=2, n_test=1)
+    stale = [os.path.join(d, f".clsp_cache_{split}_{size}px.pt.tmp{dead_pid()}")
+             for split, size in (("train", 32), ("test", 8))]
+    live = os.path.join(d, f".clsp_cache_train_32px.pt.tmp{os.getppid()}")   # a live run saving it
+    for path in stale + [live]:
+        open(path, "wb").write(b"x" * 100)
+    common.load_dataset("folder", d, "train", 16)
+    assert not any(map(os.path.exists, stale)) and os.path.exists(live)
+
+
 def test_the_cache_never_stands_in_for_changed_images(tmp_path):
     """A file replaced by another of the same size, with its old times (what `tar x` or `rsync -a` can
     give): the data is what the files hold now, with its own fingerprint."""
@@ -216,6 +230,19 @@ def test_each_epoch_is_a_new_shuffle_and_a_seed_repeats_it():
         [seen[0][i * B:(i + 1) * B] for i in range(order.steps_per_epoch)]
 
 
+# ---- Hints: the command to paste names the file it is to write ------------------------------------
+
+def test_a_hint_command_names_the_file_it_is_to_write():
+    args = type("Args", (), dict(preset="tiny", dataset="folder", data_dir="d", image_size=None))()
+    assert common.command("ddpm.py", args, out="runs/ddpm.pt", default_out="runs/ddpm.pt") == \
+        "`python ddpm.py --preset tiny --dataset folder --data-dir d`"
+    assert common.command("ddpm.py", args, out="runs/x.pt", default_out="runs/ddpm.pt") == \
+        "`python ddpm.py --preset tiny --dataset folder --data-dir d --out runs/x.pt`"
+    # a flag the hint sets replaces the user's flag of that name, never repeats it
+    assert common.command("ddpm.py", args, "--data-dir", "e") == \
+        "`python ddpm.py --preset tiny --dataset folder --data-dir e`"
+
+
 # ---- Precision follows the device --------------------------------------------------------------------
 
 def test_autocast_dtype_follows_the_gpu(monkeypatch):
@@ -244,6 +271,27 @@ def test_the_start_up_handler_is_only_for_the_four_scripts(tmp_path):
         proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": REPO})
         assert proc.stdout.strip() == "True", (cwd, proc.stdout, proc.stderr)
+
+
+# ---- A second Ctrl-C says what was saved --------------------------------------------------------------
+
+def test_a_second_ctrl_c_says_what_was_saved(tmp_path):
+    args = type("Args", (), dict(preset="tiny", dataset=None, data_dir=None, image_size=None,
+                                 out=str(tmp_path / "c.pt")))()
+    hint = common.resume_hint("ddpm.py", args)
+    assert hint() == "no checkpoint was saved yet: run the same command again"
+    open(args.out, "wb").write(b"a checkpoint")
+    assert f"continue with `python ddpm.py --preset tiny --resume --out {args.out}`" in hint()
+    os.remove(args.out)
+    with common.StopFlag(hint) as stop:
+        os.kill(os.getpid(), signal.SIGINT)               # the first: stop at the end of the step
+        deadline = time.monotonic() + 600
+        while not stop.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(SystemExit) as e:
+            os.kill(os.getpid(), signal.SIGINT)           # the second: at once, saying what there is
+            time.sleep(600)
+    assert str(e.value) == "error: stopped at once by Ctrl-C; no checkpoint was saved yet: run the same command again"
 
 
 # ---- One run per output: the lock --------------------------------------------------------------------
@@ -331,3 +379,22 @@ def test_a_compile_shows_it_is_alive(capsys):
     import logging
     common.compile_enabled(True, torch.device("cpu"))       # and no "No CUDA runtime is found" on a CPU
     assert logging.getLogger("torch.utils.cpp_extension").getEffectiveLevel() >= logging.ERROR
+
+
+def test_work_that_prints_nothing_for_long_is_named_by_heartbeat_lines(capsys):
+    progress = common.Progress(10, 0, "epoch", heartbeat=0.05)
+    progress.line(1)
+    out = ""
+    with progress.doing("the kNN check"):
+        deadline = time.monotonic() + 600                  # a hang detector, not a speed check
+        while "still the kNN check" not in out and time.monotonic() < deadline:
+            time.sleep(0.02)
+            out += capsys.readouterr().out
+    assert "  ... still the kNN check, 0m00s so far" in out
+    progress.line(2)
+    capsys.readouterr()
+    time.sleep(0.3)
+    assert capsys.readouterr().out == ""                    # nothing named: the loop's own lines only
+
+
+# ---- the scripts ----

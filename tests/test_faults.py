@@ -8,6 +8,7 @@ sections say what they check; the unit tests of the pieces of common.py these re
 folder cache, the progress lines, ...) are in test_common.py.
 """
 
+import functools
 import glob
 import json
 import os
@@ -372,10 +373,69 @@ def test_every_hint_can_be_pasted_as_it_is(chain, tmp_path, monkeypatch):
     assert "sized for a GPU" not in proc.stdout and "wrote runs/c7.pt" in proc.stdout
 
 
+def error_of(main, argv, monkeypatch, cwd):
+    """main(argv) in this process, in cwd: the one-sentence error it stops with."""
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as e:
+        main([*map(str, argv), "--device", "cpu"])
+    return str(e.value)
+
+
+def test_a_missing_input_hint_writes_the_file_the_flag_names(chain, tmp_path, monkeypatch):
+    import clsp
+    import evaluate
+    import generate
+    root = chain.copy_upto("clsp.py", tmp_path)
+    tiny = ["--preset", "tiny"]
+    assert "run `python ddpm.py --preset tiny --out runs/d2.pt` first" in \
+        error_of(generate.main, [*tiny, "--ddpm", "runs/d2.pt"], monkeypatch, root)
+    assert "run `python generate.py --preset tiny --out runs/s2.pt` first" in \
+        error_of(clsp.main, [*tiny, "--synthetic", "runs/s2.pt"], monkeypatch, root)
+    assert "run `python clsp.py --preset tiny --out runs/c2.pt` first" in \
+        error_of(evaluate.main, [*tiny, "--checkpoint", "runs/c2.pt"], monkeypatch, root)
+
+
+def test_the_changed_data_hint_keeps_the_preset_and_the_file(chain, tmp_path, monkeypatch):
+    import generate
+    root = chain.copy_upto("ddpm.py", tmp_path)
+    shutil.move(os.path.join(root, "runs", "ddpm.pt"), os.path.join(root, "runs", "d3.pt"))
+    other = make_image_folder(str(tmp_path / "other"), seed=1)       # same counts, other pixels
+    msg = error_of(generate.main, ["--preset", "tiny", "--ddpm", "runs/d3.pt", "--data-dir", other],
+                   monkeypatch, root)
+    assert f"`python ddpm.py --preset tiny --dataset folder --data-dir {other} --image-size 16 --out runs/d3.pt`" \
+        in msg, msg
+
+
 def test_a_gpu_preset_on_a_cpu_warns_and_points_at_tiny(tmp_path, tiny_data):
     proc = run("ddpm.py", "--preset", "quick", "--dataset", "folder", "--data-dir", tiny_data, "--device", "cpu",
                "--steps", "1", "--batch-size", "2", "--ch", "32", "--sample-steps", "1", cwd=tmp_path)
     assert "warning: the quick preset is sized for a GPU" in proc.stdout and "--preset tiny" in proc.stdout
+
+
+# ---- Long work is never silent -----------------------------------------------------------------------
+
+def test_clsp_names_its_knn_check_while_it_runs(chain, tmp_path, monkeypatch, capsys):
+    """The tiny run on 512 images was silent for 41 s around the end-of-epoch kNN check."""
+    import clsp
+    root = chain.copy_upto("generate.py", tmp_path)
+    monkeypatch.setattr(clsp, "Progress", functools.partial(common.Progress, heartbeat=0.05))
+    real = clsp.make_knn_monitor
+
+    def slow_monitor(*a):
+        monitor = real(*a)
+
+        def wait_for_a_heartbeat():
+            seen, deadline = "", time.monotonic() + 600
+            while "still the kNN check" not in seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+                seen += capsys.readouterr().out
+            print(seen, end="")
+            return monitor()
+        return wait_for_a_heartbeat
+    monkeypatch.setattr(clsp, "make_knn_monitor", slow_monitor)
+    monkeypatch.chdir(root)
+    clsp.main(["--preset", "tiny", "--epochs", "1", "--out", "runs/k.pt", "--device", "cpu"])
+    assert "  ... still the kNN check" in capsys.readouterr().out
 
 
 # ---- A compile that fails changes no result ----------------------------------------------------------
