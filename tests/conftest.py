@@ -32,8 +32,10 @@ def make_image_folder(root, n_train=16, n_test=4, size=32, seed=0):
     return root
 
 
-def run(script, *args, cwd, check=True, timeout=600, gpu=False):
-    """Run `python <script> <args>` in cwd exactly as a user would, on the CPU unless gpu=True."""
+def run(script, *args, cwd, check=True, timeout=1800, gpu=False):
+    """Run `python <script> <args>` in cwd exactly as a user would, on the CPU unless gpu=True. The timeout
+    is a hang detector, not a speed check: on a 2-core machine kept busy by two other processes, a test of
+    two generate.py runs (test_faults.py's SIGTERM after the last batch) took six minutes in all."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""

@@ -9,7 +9,7 @@ from conftest import REPO
 
 def test_benchmark_runs_on_cpu():
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "benchmark.py"), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                          capture_output=True, text=True, timeout=1800, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr
     table = proc.stdout[proc.stdout.index("| stage"):]
     for stage in ("1 DDPM train", "2 sampler step", "3 CLSP step", "3 CLSP-MoCo step", "3 CLSP-NNCLR step",
