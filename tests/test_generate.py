@@ -255,7 +255,9 @@ def test_bad_inputs_are_refused_and_nothing_is_damaged(chain, tmp_path, monkeypa
                          (["--steps", "0"], "--steps"), (["--steps", "2000"], "T = 1000"),
                          (["--eta", "-1"], "--eta"), (["--batch-size", "0"], "--batch-size"),
                          (["--num-anchors", "0"], "--num-anchors"), (["--num-anchors", "65"], "64 training"),
-                         (["--dataset", "cifar10"], "python ddpm.py --preset tiny --dataset cifar10 --image-size 16 --out runs/ddpm_cifar10_16px.pt` and pass --ddpm runs/ddpm_cifar10_16px.pt"),
+                         (["--dataset", "cifar10"], "python ddpm.py --preset tiny --dataset cifar10 --image-size 16 "
+                                                    "--out runs/ddpm_cifar10_16px.pt` and pass --ddpm "
+                                                    "runs/ddpm_cifar10_16px.pt"),
                          (["--image-size", "32"], "--image-size 32")]:
         assert words in refused(*flags), flags
 
@@ -267,7 +269,8 @@ def test_bad_inputs_are_refused_and_nothing_is_damaged(chain, tmp_path, monkeypa
     # A checkpoint made for CIFAR-100 at 32x32, asked for the folder data set.
     save_changed(lambda c: (c["settings"].update(dataset="cifar100", image_size=32),
                             c["data"].update(dataset="cifar100", image_size=32, num_classes=100)))
-    assert "`python ddpm.py --preset tiny --dataset folder --image-size 32 --out runs/ddpm_folder_32px.pt`" in refused("--dataset", "folder")
+    assert "`python ddpm.py --preset tiny --dataset folder --image-size 32 --out runs/ddpm_folder_32px.pt`" in \
+        refused("--dataset", "folder")
     # The data folder changed since the DDPM was trained (another image count).
     save_changed(lambda c: c["data"].update(num_train=100))
     assert "may have changed" in refused()

@@ -5,7 +5,8 @@ uninterrupted), so a mistake made on both sides passes them. Here each step runs
 small enough that the recipe can be written out by hand in float64: Ho et al.'s Algorithm 1 with Adam,
 clipping and the EMA (ddpm.make_train_step); SimCLR's NT-Xent plus the CLSP term with SGD, momentum and
 weight decay (clsp.make_train_step); the same term on MoCo-v2, with its key encoder's momentum update and
-its queues (clsp.make_moco_step); both learning-rate schedules; and the authors' linear probe
+its queues (clsp.make_moco_step); NNCLR's step with its support set, predictor and LARS, as solo-learn's
+CIFAR recipe (clsp.make_nnclr_step, clsp.LARS); both learning-rate schedules; and the authors' linear probe
 (evaluate.linear_probe). The references share only the random draws with the code: they reseed torch and
 draw in the order the step draws (read from the code), and the augmentation itself, which has its own test
 against torchvision in test_clsp.py, is applied with clsp's functions.
@@ -14,12 +15,14 @@ Each test's docstring names the bug it was written to catch. Everything is tiny 
 """
 
 import copy
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import clsp
 import ddpm
@@ -436,6 +439,276 @@ def test_moco_step_equals_the_recipe(third):
                 torch.testing.assert_close(a.detach().double(), b, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(queue.keys.double(), keys, rtol=1e-4, atol=1e-6)
         assert queue.ptr == (n + 1) * B % Q
+
+
+# ---- NNCLR (clsp.make_nnclr_step): LARS and the step, against solo-learn's recipe ----------------
+# The recipe (Dwibedi et al. 2021, as solo-learn's solo/methods/nnclr.py, solo/losses/nnclr.py,
+# solo/utils/lars.py): z_v = normalize(projector(backbone(view_v))), each view through the network on its
+# own; p_v = predictor(projector(...)) on the projection before normalisation; NN(z): the top-1 cosine row of
+# a FIFO queue of earlier z1's, without gradient; L = (CE(NN(z1) p2^T / tau) + CE(NN(z2) p1^T / tau)) / 2 +
+# lam * mean ||z1 - z3||^2; LARS per matrix d = (g + wd p) * min(eta ||p|| / (||g|| + wd ||p|| + eps) / lr, 1)
+# (d = g when a norm is 0), biases and BatchNorm d = g; SGD momentum; then z1 and the indices into the queue.
+
+# ------------------------------------------------------------------------------------------------
+# LARS
+# ------------------------------------------------------------------------------------------------
+
+def lars64(P, G, bufs, lr, flags, eta, wd, momentum, eps=1e-8, cases=None):
+    """solo-learn's LARS step (clip_lars_lr=True, exclude_bias_n_norm_lars=True) on float64 tensors,
+    returning the new parameters; bufs (torch's SGD momentum buffers, None before the first step) in place."""
+    out = []
+    for i, (p, g) in enumerate(zip(P, G)):
+        d = g
+        if flags[i]:
+            pn, gn = float(p.norm()), float(g.norm())
+            if pn > 0 and gn > 0:
+                ratio = eta * pn / (gn + wd * pn + eps)
+                scale = min(ratio / lr, 1.0)
+                d = (g + wd * p) * scale
+                if cases is not None:
+                    cases.add("clipped" if ratio / lr > 1 else "scaled")
+            elif cases is not None:
+                cases.add("zero p" if pn == 0 else "zero g")
+        bufs[i] = d.clone() if bufs[i] is None else momentum * bufs[i] + d
+        out.append(p - lr * bufs[i])
+    return out
+
+
+def test_lars_param_groups_split_matrices_from_biases_and_batchnorm():
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3))
+    other = nn.Sequential(nn.Linear(3, 2))
+    groups = clsp.lars_param_groups([net, other])
+    assert len(groups) == 2
+    by_flag = {g["lars"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_flag[True] == {id(net[0].weight), id(net[3].weight), id(other[0].weight)}
+    assert by_flag[False] == {id(net[0].bias), id(net[1].weight), id(net[1].bias), id(net[3].bias),
+                              id(other[0].bias)}
+    one = clsp.lars_param_groups(net)                       # a single module is fine too
+    assert {g["lars"]: len(list(g["params"])) for g in one} == {True: 2, False: 4}
+
+
+def lars_problem():
+    """Parameters (float64) of a Linear(5, 4) + BatchNorm1d(4) + Linear(4, 3) whose second weight starts at
+    0 (||p|| = 0), and four steps of hand-made gradients: step 0 small on W1 (eta ||p|| / (||g|| + wd ||p||)
+    above lr: clipped to 1), step 1 large on W1 (below lr: scaled), step 2 zero on W1 and on the bias b1
+    (d = g = 0: the momentum alone moves them), and every step a gradient on the BatchNorm weight while
+    its value is far from 0 (a decay or a scaling there would show)."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    P = [rnd(4, 5), rnd(4), 1 + 0.3 * rnd(4), 0.1 * rnd(4), torch.zeros(3, 4, dtype=torch.float64), rnd(3)]
+    flags = [True, False, False, False, True, False]
+    grads = []
+    for k, w1_scale in enumerate([1e-3, 10.0, 0.0, 1.0]):
+        G = [w1_scale * rnd(4, 5), rnd(4), 0.5 * rnd(4), rnd(4), rnd(3, 4), rnd(3)]
+        if k == 2:
+            G[1] = torch.zeros(4, dtype=torch.float64)
+        grads.append(G)
+    return P, flags, grads, [0.1, 0.05, 0.2, 0.15]
+
+
+def test_lars_equals_solo_learns_in_float64():
+    """clsp.LARS on float64 parameters against lars64 over four steps with four learning rates.
+
+    Catches: no clip (min(., 1)), the clip on ratio rather than ratio / lr, decay or scaling on biases
+    and BatchNorm, decay added when the scaling is skipped (||p|| or ||g|| 0), the weight decay left
+    out of the trust ratio's denominator, momentum not torch SGD's (dampening, the first step's buffer),
+    a stale group lr."""
+    eta, wd, momentum = 0.02, 0.01, 0.9
+    P, flags, grads, lrs = lars_problem()
+    params = [nn.Parameter(p.clone()) for p in P]
+    opt = clsp.LARS([dict(params=[p for p, f in zip(params, flags) if f], lars=True),
+                     dict(params=[p for p, f in zip(params, flags) if not f], lars=False)],
+                    lr=0.0, momentum=momentum, weight_decay=wd, eta=eta)
+    assert isinstance(opt, torch.optim.Optimizer)
+    ref, bufs, cases = [p.clone() for p in P], [None] * len(P), set()
+    for k, (G, lr) in enumerate(zip(grads, lrs)):
+        for p, gr in zip(params, G):
+            p.grad = gr.clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        ref = lars64(ref, G, bufs, lr, flags, eta, wd, momentum, cases=cases)
+        for i, (p, q) in enumerate(zip(params, ref)):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-12, atol=1e-14, msg=f"tensor {i} after step {k}")
+    assert cases == {"clipped", "scaled", "zero p", "zero g"}   # every branch was taken
+
+    # The same four steps with two of the mistakes end elsewhere: the comparison above can see them.
+    def variant(flags=flags, eta=eta):
+        r, b = [p.clone() for p in P], [None] * len(P)
+        for G, lr in zip(grads, lrs):
+            r = lars64(r, G, b, lr, flags, eta, wd, momentum)
+        return r
+    for wrong in (variant(flags=[True] * 6), variant(eta=1e9)):   # biases and BN scaled; no trust ratio
+        assert max((a - b).abs().max() for a, b in zip(wrong, ref)) > 1e-4
+
+
+def test_lars_state_dict_resumes_bit_for_bit():
+    """Two steps, the state saved and loaded as a checkpoint is (torch.save, weights_only load) into a
+    fresh LARS over copies of the parameters; the next two steps agree exactly with the uninterrupted."""
+    P, flags, grads, lrs = lars_problem()
+
+    def make(values):
+        params = [nn.Parameter(v.clone()) for v in values]
+        opt = clsp.LARS([dict(params=[p for p, f in zip(params, flags) if f], lars=True),
+                         dict(params=[p for p, f in zip(params, flags) if not f], lars=False)],
+                        lr=0.0, momentum=0.9, weight_decay=0.01, eta=0.02)
+        return params, opt
+
+    def step(params, opt, G, lr):
+        for p, gr in zip(params, G):
+            p.grad = gr.clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+
+    params, opt = make(P)
+    for G, lr in zip(grads[:2], lrs[:2]):
+        step(params, opt, G, lr)
+    f = io.BytesIO()
+    torch.save(dict(optimizer=opt.state_dict(), params=[p.detach() for p in params]), f)
+    f.seek(0)
+    saved = torch.load(f, weights_only=True)
+    params2, opt2 = make(saved["params"])
+    opt2.load_state_dict(saved["optimizer"])
+    assert [g["lars"] for g in opt2.param_groups] == [True, False]
+    for G, lr in zip(grads[2:], lrs[2:]):
+        step(params, opt, G, lr)
+        step(params2, opt2, G, lr)
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+    for k, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt2.state_dict()["state"][k][name])), (k, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# One whole NNCLR step against the recipe, on a stand-in network written out in float64
+# ------------------------------------------------------------------------------------------------
+
+
+
+def nnclr_standins():
+    """backbone Flatten-Linear(3HW, 12); a projector and a predictor shaped as NNCLR's (Linear-BN-ReLU-
+    Linear-BN; Linear-BN-ReLU-Linear) but tiny, BatchNorm weights away from 1 and 0 so they matter."""
+    torch.manual_seed(3)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * H * W, 12))
+    projector = nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 8), nn.BatchNorm1d(8))
+    predictor = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+    with torch.no_grad():
+        for m in [*projector, *predictor]:
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return nn.Sequential(backbone, projector), predictor
+
+
+def bn64(h, gamma, beta):
+    """BatchNorm1d in training mode: this batch's mean and biased variance, eps 1e-5."""
+    return (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * gamma + beta
+
+
+def forward64(P, v):
+    """The stand-ins in float64 on one view: (the projection z, unnormalised; the prediction p = predictor(z))."""
+    W0, b0, W1, b1, g1, e1, W2, b2, g2, e2, W3, b3, g3, e3, W4, b4 = P
+    h = v.flatten(1).double() @ W0.T + b0
+    z = bn64(torch.relu(bn64(h @ W1.T + b1, g1, e1)) @ W2.T + b2, g2, e2)
+    p = torch.relu(bn64(z @ W3.T + b3, g3, e3)) @ W4.T + b4
+    return z, p
+
+
+def nnclr64(nn1, nn2, p1, p2, tau):
+    def side(a, b):
+        logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / tau
+        return (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
+    return (side(nn1, p2) + side(nn2, p1)) / 2
+
+
+def lr64(k, s, steps_per_epoch):
+    """solo-learn's schedule as this project scales it: peak lr * B / 1024, linear warm-up, cosine to 0."""
+    peak = s["lr"] * s["batch_size"] / 1024
+    warm, total = s["warmup_epochs"] * steps_per_epoch, s["epochs"] * steps_per_epoch
+    if k < warm:
+        return peak * (k + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm)))
+
+
+def nnclr_views(raw, B, mean, std):
+    """NNCLR's augmentation of [x; x; x3] as the step draws it: solo-learn's asymmetric pipeline
+    (saturation 0.2; solarisation p 0 on view 1, p 0.2 on view 2 and the third view). clsp.py draws the
+    parameters of all views in one call with solarisation p 0.2 and then clears view 1's solarisation."""
+    p = clsp.sample_augment_params(raw.shape[0], H, W, "cpu", saturation=0.2, solarize=0.2)   # one draw, 2B or 3B
+    p["solarize"] = p["solarize"] & (torch.arange(raw.shape[0]) >= B)   # view 1: p 0 (its draws cleared)
+    return clsp.apply_augment(raw, p, H, mean, std)
+
+
+@pytest.mark.parametrize("lam", [0.7, 0.0])
+def test_nnclr_step_equals_the_recipe(lam):
+    """Two steps of clsp.make_nnclr_step (at steps 1 and 3 of a 2-epoch run of 2 steps an epoch: the peak
+    of the warm-up, then half-way down the cosine) against the recipe in float64: views from one draw of
+    NNCLR's augmentation, each view through the network on its own, NN(z1), NN(z2) from the queue as it
+    was before the step, the predictor on the unnormalised projection, the symmetric loss, the CLSP term
+    on z1, z3, LARS with the step's learning rate, then z1 and the indices into the queue.
+
+    Catches: the predictor on the normalised z, the views through one BatchNorm, the neighbours from the
+    queue after the push (a batch its own neighbour), a gradient through the neighbours, z2 or p's in the
+    queue, the indices not recorded, the learning rate not from the step (or not scaled by B / 1024), no
+    LARS scaling or the bias/BN exclusion missing, the CLSP term without its weight or on the wrong views."""
+    B, Q, tau, wd, eta = 4, 8, 0.2, 1e-3, 0.02
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g)
+    x3 = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8, generator=g) if lam else None
+    mean, std = torch.tensor([0.5, 0.45, 0.4]), torch.tensor([0.25, 0.25, 0.3])
+    s = dict(lam=lam, tau=tau, lr=25.6, batch_size=B, epochs=2, warmup_epochs=1, positive="synthetic",
+             lars_eta=eta, weight_decay=wd, momentum=0.9)       # peak lr 25.6 * 4 / 1024 = 0.1
+    spe = 2
+    net, predictor = nnclr_standins()
+    torch.manual_seed(1)
+    queue = clsp.Queue(1, Q, 8, "cpu")
+    opt = clsp.LARS(clsp.lars_param_groups([net, predictor]), lr=0.0, momentum=0.9, weight_decay=wd, eta=eta)
+    step = clsp.make_nnclr_step(net, predictor, queue, opt, no_scaler(), s, mean, std, spe)
+    params = [*net.parameters(), *predictor.parameters()]
+
+    P = [p.detach().double().clone() for p in params]
+    flags = [p.ndim > 1 for p in params]
+    keys, index = queue.keys.double().clone(), queue.index.clone()
+    bufs, cases = [None] * len(P), set()
+    for n, (k, idx) in enumerate([(1, torch.tensor([5, 2, 7, 0])), (3, torch.tensor([1, 6, 3, 4]))]):
+        torch.manual_seed(10 + n)
+        losses = step(idx, x, x3, k)
+        torch.manual_seed(10 + n)                           # the same draws
+        raw = torch.cat([x, x] + ([x3] if lam else []))
+        views = nnclr_views(raw, B, mean, std)
+        Pg = [w.clone().requires_grad_() for w in P]
+        (h1, p1), (h2, p2) = forward64(Pg, views[:B]), forward64(Pg, views[B:2 * B])
+        z1, z2 = F.normalize(h1, dim=1), F.normalize(h2, dim=1)
+        sim1, sim2 = z1.detach() @ keys[0].T, z2.detach() @ keys[0].T
+        for sim in (sim1, sim2):                            # no near-tie: float32 picks the same rows
+            top2 = sim.topk(2, dim=1).values
+            assert (top2[:, 0] - top2[:, 1]).min() > 1e-4
+        nn1, nn2 = keys[0][sim1.argmax(1)], keys[0][sim2.argmax(1)]
+        l_nnclr = nnclr64(nn1, nn2, p1, p2, tau)
+        loss = l_nnclr
+        if lam:
+            z3 = F.normalize(forward64(Pg, views[2 * B:])[0], dim=1)
+            l_clsp = ((z1 - z3) ** 2).sum(1).mean()
+            loss = loss + lam * l_clsp
+        grads = torch.autograd.grad(loss, Pg)
+        lr = lr64(k, s, spe)
+        P = lars64(P, grads, bufs, lr, flags, eta, wd, 0.9, cases=cases)
+        keys[0, n * B:(n + 1) * B], index[0, n * B:(n + 1) * B] = z1.detach(), idx
+
+        assert losses["L_nnclr"].item() == pytest.approx(l_nnclr.item(), rel=1e-5), n
+        if lam:
+            assert losses["L_clsp"].item() == pytest.approx(l_clsp.item(), rel=1e-5), n
+        else:
+            assert set(losses) == {"L_nnclr"}
+        assert all(group["lr"] == pytest.approx(lr, rel=1e-12) for group in opt.param_groups), n
+        for i, (a, b) in enumerate(zip(params, P)):
+            torch.testing.assert_close(a.detach().double(), b, rtol=1e-4, atol=1e-6, msg=f"tensor {i}, step {n}")
+        torch.testing.assert_close(queue.keys.double(), keys, rtol=1e-4, atol=1e-6)
+        assert torch.equal(queue.index, index) and queue.ptr == (n + 1) * B % Q
+    assert lr64(1, s, spe) == pytest.approx(0.1) and lr64(3, s, spe) == pytest.approx(0.05)
+    assert "scaled" in cases or "clipped" in cases
 
 
 # ------------------------------------------------------------------------------------------------
