@@ -49,6 +49,16 @@ def _quit_quietly(hint):
     return handler
 
 
+def _quit_at_once(signum, frame):
+    """The start-up handler: the sentence, then the process ends at once. Not SystemExit: raised inside
+    `import numpy`, numpy would turn it into a long ImportError about a bad install. Nothing is written
+    yet, so there is nothing to clean up."""
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    sys.stderr.write(f"error: stopped by {name}; nothing was written yet: run the same command again\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 # The scripts import this file before PyTorch, which takes seconds to load: when one of them is the
 # program being run (not imported by a test or a notebook), a Ctrl-C or SIGTERM from here on is one
 # sentence, not a traceback.
@@ -56,7 +66,7 @@ _main = getattr(sys.modules["__main__"], "__file__", None)
 if _main and os.path.basename(_main) in ("ddpm.py", "generate.py", "clsp.py", "evaluate.py") and \
         os.path.dirname(os.path.abspath(_main)) == os.path.dirname(os.path.abspath(__file__)):
     for _sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_sig, _quit_quietly("nothing was written yet: run the same command again"))
+        signal.signal(_sig, _quit_at_once)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
