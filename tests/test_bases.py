@@ -168,17 +168,23 @@ def test_moco_augmentation_draws_and_solarises_like_torchvision():
 SMALL = ["--preset", "tiny", "--image-size", "8", "--batch-size", "8", "--knn-every", "0"]
 
 
+def whole_and_resumed(flags):
+    """The checkpoints of clsp.main(flags) run through, and of the same run stopped after epoch 1 and
+    resumed (in the current directory)."""
+    clsp.main(flags + ["--out", "runs/whole.pt"])
+    with pytest.raises(SystemExit, match="interrupted"):
+        clsp.main(flags + ["--out", "runs/parts.pt", "--stop-after-epoch", "1"])
+    clsp.main(["--resume", "--out", "runs/parts.pt", "--device", "cpu"])
+    return (torch.load(f"runs/{f}.pt", weights_only=True) for f in ("whole", "parts"))
+
+
 def test_moco_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     """Key encoder, queues and their pointer, SGD's momentum and the momentum schedule all continue."""
     make_image_folder(str(tmp_path / "data"), n_train=4, n_test=1, size=8)
     flags = [*SMALL, "--base", "moco", "--lam", "0", "--queue", "16", "--epochs", "3", "--dataset", "folder",
              "--data-dir", "data", "--device", "cpu"]
     monkeypatch.chdir(tmp_path)
-    clsp.main(flags + ["--out", "runs/whole.pt"])
-    with pytest.raises(SystemExit, match="interrupted"):
-        clsp.main(flags + ["--out", "runs/parts.pt", "--stop-after-epoch", "1"])
-    clsp.main(["--resume", "--out", "runs/parts.pt", "--device", "cpu"])
-    a, b = (torch.load(f"runs/{f}.pt", weights_only=True) for f in ("whole", "parts"))
+    a, b = whole_and_resumed(flags)
     assert a["method"] == b["method"] == "MoCo" and a["queue_ptr"] == b["queue_ptr"]
     assert torch.equal(a["queue"], b["queue"])
     for part in ("backbone", "head", "key"):
@@ -439,11 +445,7 @@ def test_nnclr_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     flags = [*SMALL, "--base", "nnclr", "--positive", "view", "--queue", "48", "--epochs", "3", "--dataset",
              "folder", "--data-dir", "data", "--device", "cpu"]   # 2 steps of 8 an epoch: 6 pushes fill 48
     monkeypatch.chdir(tmp_path)
-    clsp.main(flags + ["--out", "runs/whole.pt"])
-    with pytest.raises(SystemExit, match="interrupted"):
-        clsp.main(flags + ["--out", "runs/parts.pt", "--stop-after-epoch", "1"])
-    clsp.main(["--resume", "--out", "runs/parts.pt", "--device", "cpu"])
-    a, b = (torch.load(f"runs/{f}.pt", weights_only=True) for f in ("whole", "parts"))
+    a, b = whole_and_resumed(flags)
     assert a["method"] == b["method"] == "NNCLR-aug" and a["finished"] and b["finished"]
     assert a["queue_ptr"] == b["queue_ptr"] == 6 * 8 % 48 == 0     # wrapped at the last push
     assert a["queue"].shape == (1, 48, 256) and a["queue_index"].shape == (1, 48)
