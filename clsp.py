@@ -954,7 +954,7 @@ def make_model(s, args, device, ckpt):
         net[0].load_state_dict(ckpt["backbone"])
         net[1].load_state_dict(ckpt["head"])
         if extra is not None:
-            extra.load_state_dict(ckpt["key" if s["base"] == "moco" else "predictor"])
+            extra.load_state_dict(ckpt[EXTRA_NAME[s["base"]]])
             queue.keys.copy_(ckpt["queue"])
             queue.index.copy_(ckpt.get("queue_index", queue.index))
             queue.ptr = ckpt["queue_ptr"]
@@ -970,12 +970,15 @@ def make_model(s, args, device, ckpt):
     return net, extra, queue, opt, scaler, amp, step
 
 
+EXTRA_NAME = {"moco": "key", "nnclr": "predictor"}   # the checkpoint key of each base's extra module
+
+
 def base_state(s, extra, queue):
     """What a checkpoint holds beyond the backbone and head: MoCo's key encoder and queues, NNCLR's
     predictor and support set (with the training index of each entry)."""
     if extra is None:
         return {}
-    return {"key" if s["base"] == "moco" else "predictor": extra.state_dict(), "queue": queue.keys,
+    return {EXTRA_NAME[s["base"]]: extra.state_dict(), "queue": queue.keys,
             "queue_index": queue.index, "queue_ptr": queue.ptr}
 
 
