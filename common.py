@@ -68,6 +68,16 @@ if _main and os.path.basename(_main) in ("ddpm.py", "generate.py", "clsp.py", "e
     for _sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_sig, _quit_at_once)
 
+# Several processes: `torchrun --nproc-per-node N script.py` starts N copies of a script and tells each
+# which one it is in its environment (RANK 0..N-1 in the whole job, LOCAL_RANK: its GPU on this
+# machine, WORLD_SIZE N); plain `python script.py` is the one process, rank 0 of 1. Rank 0 alone prints:
+# the others' standard output goes nowhere, so N processes read as one run (errors still reach stderr).
+RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+MAIN = RANK == 0              # the process that prints, takes the output's lock and writes every file
+if not MAIN:
+    sys.stdout = open(os.devnull, "w")
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -85,15 +95,39 @@ def run_main(main, argv, oom_hint, interrupt_hint="nothing was lost that was sav
     """main(argv), with the GPU running out of memory (a smaller GPU than the preset assumes, or another
     program on it), Ctrl-C or SIGTERM outside a training loop, and a second Ctrl-C inside one, each turned
     into one sentence instead of a traceback. (A loop's own StopFlag turns the first Ctrl-C into a stop
-    at the end of the step.)"""
+    at the end of the step.) Under torchrun, each sentence is said once (said_once)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _quit_quietly(interrupt_hint))
     try:
-        main(argv)
-    except torch.cuda.OutOfMemoryError:
-        fail(f"out of GPU memory (nvidia-smi shows what else uses it); {oom_hint}")
-    except KeyboardInterrupt:
-        fail(f"stopped at once by Ctrl-C; {interrupt_hint}")
+        try:
+            main(argv)
+            end_processes()
+        except torch.cuda.OutOfMemoryError:
+            fail(f"out of GPU memory (nvidia-smi shows what else uses it); {oom_hint}")
+        except KeyboardInterrupt:
+            fail(f"stopped at once by Ctrl-C; {interrupt_hint}")
+        except torch.distributed.DistError as e:     # a collective failed: another process ended, or hung
+            if WORLD_SIZE == 1:
+                raise
+            first_line = (str(e).strip().splitlines() or [""])[0][:160]
+            fail(f"process {RANK} lost the other processes of this run ({type(e).__name__}: {first_line}); "
+                 f"one of them stopped, and its own message says why")
+    except SystemExit as e:
+        raise said_once(e) from None
+
+
+def said_once(e):
+    """The SystemExit a process of a torchrun job ends with. Every process runs the same checks and the
+    same loop, so most sentences would be said N times: rank 0 says them. Another process says only what
+    is its own (its GPU ran out of memory, it lost the others), after the process group started, with its
+    rank; a stop (Ctrl-C, SIGTERM, an interrupted run) is rank 0's to report."""
+    msg = e.code
+    if MAIN or not isinstance(msg, str):
+        return e
+    shared = msg.startswith(("interrupted", "error: interrupted", "error: stopped")) or not _STARTED
+    if shared or "lost the other processes" in msg:
+        return SystemExit(1)
+    return SystemExit(msg.replace("error: ", f"error: process {RANK} of {WORLD_SIZE}: ", 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,6 +272,205 @@ def with_eager_fallback(compiled_fn, make_eager_fn, what, device, modules=()):
                     torch._foreach_copy_(buffers, saved)
         return current[0](*args, **kwargs)
     return call
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes (torchrun), one per GPU. The promise: an N-process run computes the one-process run.
+#   - --batch-size is the whole (global) batch B; process r takes its rows r*B/N .. (r+1)*B/N - 1
+#     (this_process);
+#   - every process draws the whole batch's random numbers from the same seeded stream and keeps its own
+#     rows (own_rows): the draws are the one process's, and the streams stay equal in every process;
+#   - what a loss needs of the whole batch (NT-Xent's negatives, MoCo's keys, NNCLR's neighbours) is
+#     gathered (gather), BatchNorm normalises over the whole batch (sync_batchnorm), and the gradients
+#     are averaged before each update (average_gradients), so the weights stay equal everywhere;
+#   - rank 0 alone prints, locks and writes; a stop is agreed (StopFlag.agreed), so all stop together.
+# With one process each function returns its input or does nothing: no torch.distributed at all.
+# ------------------------------------------------------------------------------------------------
+
+_STARTED = False       # the process group exists: torchrun, once every check has passed
+_HOST_GROUP = None     # gloo: the host-side stop vote and barriers, which must not wait for the GPUs
+
+
+def start_processes(device_name, preset=None):
+    """This process's device, called once every check of the flags and inputs has passed (so a mistake
+    is found before any process group starts): pick_device for a plain run; under torchrun, GPU
+    LOCAL_RANK (or the CPU with --device cpu) and the process group, NCCL between GPUs and gloo on CPUs.
+    Its collectives give up after 30 minutes: a hang detector, longer than anything rank 0 does alone
+    while the others wait (a save, the kNN check)."""
+    global _STARTED, _HOST_GROUP
+    device = pick_device(device_name, preset)
+    if WORLD_SIZE == 1:
+        return device
+    import datetime
+    import torch.distributed as dist
+    if device.type == "cuda":
+        if device_name not in (None, "cuda"):
+            fail(f"--device {device_name}: under torchrun each process takes the GPU of its LOCAL_RANK; leave "
+                 f"out --device, and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", WORLD_SIZE)), torch.cuda.device_count()
+        if here > gpus:
+            fail(f"torchrun started {here} processes on this machine, which has {gpus} GPU{'s' * (gpus != 1)}: "
+                 f"pass --nproc-per-node {gpus} (or fewer)")
+        device = torch.device("cuda", LOCAL_RANK)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    _HOST_GROUP = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    _STARTED = True
+    print(f"{WORLD_SIZE} processes ({dist.get_backend()}), each on {device.type}"
+          f"{' (GPU = LOCAL_RANK)' if device.type == 'cuda' else ''}; --batch-size is the whole batch", flush=True)
+    return device
+
+
+def end_processes():
+    """After a run that ended well: the process group is closed (after a failure, exiting is enough)."""
+    global _STARTED
+    if _STARTED:
+        torch.distributed.destroy_process_group()
+        _STARTED = False
+
+
+def require_divisible(B, flag="--batch-size"):
+    """Under torchrun the batch of B is cut into N equal slices: refused, before any work, unless N divides B."""
+    if B % WORLD_SIZE:
+        lower, upper = B // WORLD_SIZE * WORLD_SIZE, -(-B // WORLD_SIZE) * WORLD_SIZE
+        fail(f"{flag} {B} does not split into {WORLD_SIZE} equal parts, one per process; pass {flag} "
+             f"{upper}" + (f" or {lower}" if lower else ""))
+
+
+def this_process(B):
+    """The slice of a whole batch of B rows that this process takes."""
+    n = B // WORLD_SIZE
+    return slice(RANK * n, (RANK + 1) * n)
+
+
+def own_rows(draws, views=1):
+    """This process's rows of the random draws made for the whole batch: a tensor (or a dict of them) of
+    `views` blocks of B rows (view 1 of every image, then view 2, ...), of which it keeps its slice of each."""
+    if WORLD_SIZE == 1:
+        return draws
+    mine = lambda t: t.unflatten(0, (views, -1))[:, this_process(t.shape[0] // views)].flatten(0, 1)
+    return {k: mine(v) for k, v in draws.items()} if isinstance(draws, dict) else mine(draws)
+
+
+class _Gather(torch.autograd.Function):
+    """all_gather with a backward. Every process computes the whole batch's loss from the gathered rows,
+    so the gradient of its own rows comes from every process's copy of the loss: the backward sums the
+    gradients of all processes (all_reduce) and keeps this process's rows. (A gather that keeps only its
+    own process's gradient, lightly's bug until 2024, leaves out the others' copies: test_distributed.py's
+    gradient test fails on it.) The N copies add N times the gradient; average_gradients divides by N."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(WORLD_SIZE)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)                  # the sum over every process's copy of the loss
+        return grad[this_process(grad.shape[0])]
+
+
+def gather(x):
+    """The whole batch's rows [B, ...] from every process's slice [B / N, ...], in rank order, which is the
+    batch's own order (this_process); with gradient. One process (or None): x itself."""
+    return x if not _STARTED or x is None else _Gather.apply(x)
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """all_reduce (sum) with its backward, which is the same sum of the gradients of every process."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SumOverProcesses.apply(grad)
+
+
+class WholeBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the whole batch, summed over the processes: what
+    torch.nn.SyncBatchNorm computes, for any device (SyncBatchNorm runs on GPUs only; this one serves the
+    CPU, gloo and the tests). Per channel: mean = sum(x) / n, var = sum(x^2) / n - mean^2 over every
+    process's rows, n of them in all; the running statistics are updated with them as BatchNorm does."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        n = x.numel() // x.shape[1] * WORLD_SIZE
+        sums = _SumOverProcesses.apply(torch.stack([x.sum(dims), x.pow(2).sum(dims)]))
+        mean, var = sums[0] / n, sums[1] / n - (sums[0] / n) ** 2
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)     # unbiased, as BatchNorm keeps it
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
+            + self.bias.view(shape)
+
+
+def sync_batchnorm(module):
+    """Under torchrun, every BatchNorm of module made to normalise over the whole batch, as one process
+    normalises: torch.nn.SyncBatchNorm on GPUs, WholeBatchNorm on a CPU. The weights and statistics are
+    kept, and so are the names in state_dict: a checkpoint does not depend on the number of processes."""
+    if not _STARTED:
+        return module
+    if next(module.parameters()).is_cuda:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            new = WholeBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                 child.track_running_stats).to(child.weight.device)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            sync_batchnorm(child)
+    return module
+
+
+def average_gradients(params):
+    """Under torchrun: every parameter's gradient replaced by its mean over the processes, in one
+    all_reduce of all of them flattened together (a collective per tensor would cost a launch each)."""
+    if not _STARTED:
+        return
+    grads = [w.grad for w in params if w.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= WORLD_SIZE
+    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def mean_over_processes(x):
+    """The mean of a (detached) tensor over the processes: a loss as the whole batch's, for the progress lines."""
+    if not _STARTED:
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x)
+    return x / WORLD_SIZE
+
+
+def any_process(flag):
+    """True in every process when flag is True in any: a host-side vote (gloo), which waits for no GPU."""
+    if not _STARTED:
+        return flag
+    t = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_HOST_GROUP)
+    return bool(t.item())
+
+
+def barrier():
+    """Every process waits here until all have come (rank 0's file is written before the others read it)."""
+    if _STARTED:
+        torch.distributed.barrier(group=_HOST_GROUP)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,7 +647,8 @@ def claim_output(*paths):
     save of these paths left behind are removed."""
     locks = []
     try:
-        for p in dict.fromkeys(paths):      # each once: the same picture named twice is one file
+        # each path once (the same picture named twice is one file); under torchrun rank 0 writes, and locks
+        for p in dict.fromkeys(paths) if MAIN else ():
             locks.append((p, lock_file(p)))
             for tmp in glob.glob(glob.escape(p) + ".tmp*"):
                 os.remove(tmp)              # ours: the lock says no other run writes this path
@@ -689,8 +923,10 @@ class Progress:
         self.activity = ("compiling", self.t_start) if warming else None   # (what, since when) or None
         self.on_nan = on_nan                               # what to do when a loss is not finite
         self.names, self.sums, self.n = (), None, 0
+        self.quiet = not MAIN                              # under torchrun, rank 0 alone keeps the account
         # A thread of its own: the main thread is inside the compiler (minutes on a CPU) or the kNN check.
-        threading.Thread(target=_heartbeat, args=(weakref.ref(self), heartbeat), daemon=True).start()
+        if not self.quiet:
+            threading.Thread(target=_heartbeat, args=(weakref.ref(self), heartbeat), daemon=True).start()
 
     def warmed_up(self, done, what="warm-up"):
         now = time.perf_counter()
@@ -710,17 +946,22 @@ class Progress:
     def due(self, seconds=30):
         """True when no line was printed for `seconds` (the first one after 5 s): a slow run is never
         silent for long, whatever its --log-every."""
-        return time.perf_counter() - self.last > (5 if self.last == self.t_start else seconds)
+        return not self.quiet and time.perf_counter() - self.last > (5 if self.last == self.t_start else seconds)
 
     def add(self, **losses):
         """This step's losses, 0-d tensors by name (L_simclr=..., L_clsp=...), summed on the device."""
+        if self.quiet:
+            return
         values = torch.stack([v.detach().float() for v in losses.values()])
         self.sums = values if self.sums is None else self.sums + values
         self.names, self.n = tuple(losses), self.n + 1
 
     def line(self, done, **metrics):
         """Print a line; with losses added since the last one, their means first (one host sync), and
-        stop the run, before anything is saved, if one is not finite."""
+        stop the run, before anything is saved, if one is not finite. (Rank 0's losses are the whole
+        batch's: the other processes, which hold the same numbers, neither sync nor print.)"""
+        if self.quiet:
+            return
         if self.n:
             means = dict(zip(self.names, (self.sums / self.n).tolist()))
             if not all(map(math.isfinite, means.values())):
@@ -784,6 +1025,12 @@ class StopFlag:
     def __exit__(self, *exc):
         self.release()
 
+    def agreed(self):
+        """At a step boundary: has a stop been asked for, here or (under torchrun) in any process? Each
+        process gets its own signal and may be a step ahead of another, so they vote: all stop together."""
+        self.requested = any_process(self.requested)
+        return self.requested
+
     def release(self):
         for sig, handler in self.before.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)   # None: not set from Python
@@ -794,4 +1041,5 @@ class StopFlag:
                 fail(f"stopped at once by Ctrl-C; {self.quit_hint()}")
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping at the end of this step (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)
+        if MAIN:
+            print("\nstopping at the end of this step (Ctrl-C again to quit at once)...", file=sys.stderr, flush=True)

@@ -34,11 +34,12 @@ import math
 import sys
 
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
-from common import (EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside,
-                    claim_output, command, compile_enabled, count_flops, data_info, fail, load_dataset,
-                    load_for_resume, peak_flops, pick_device, refuse_to_overwrite, require_free_space, resume_hint,
-                    require_same_data, resolve_settings, restore_training_state, run_main, save_grid,
-                    settings_adder, tensor_bytes, training_state, with_eager_fallback)
+from common import (MAIN, WORLD_SIZE, EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype,
+                    average_gradients, barrier, beside, claim_output, command, compile_enabled, count_flops, data_info,
+                    fail, load_dataset, load_for_resume, mean_over_processes, own_rows, peak_flops,
+                    refuse_to_overwrite, require_divisible, require_free_space, require_same_data, resolve_settings,
+                    restore_training_state, resume_hint, run_main, save_grid, settings_adder, start_processes,
+                    tensor_bytes, this_process, training_state, with_eager_fallback)
 
 import torch
 import torch.nn as nn
@@ -334,15 +335,19 @@ def make_train_step(model, ema, opt, scaler, abar, s, amp=None, compiled=False):
     # not by the GPU's arithmetic: a step at batch 32 takes about as long as one at batch 128
     # (`python tests/benchmark.py --stages 1 --more` times eager, compiled and the batch sizes). The
     # first steps compile (about a minute). Algorithm 1's random draws (flips, t, eps) stay outside the
-    # graph, in plain PyTorch; dropout's are inside it, from inductor's own generator.
+    # graph, in plain PyTorch; dropout's are inside it, from inductor's own generator. Under torchrun,
+    # no CUDA graphs: public reports find them fragile beside the collectives of several processes.
     if compiled:
-        loss_of = torch.compile(loss_of, mode="reduce-overhead" if abar.is_cuda else "default")
+        loss_of = torch.compile(loss_of, mode="reduce-overhead" if abar.is_cuda and WORLD_SIZE == 1 else "default")
 
     def train_step(x_uint8, step):
-        B, device = x_uint8.shape[0], x_uint8.device
+        # Under torchrun x_uint8 is this process's slice of the batch: the draws are made for the whole batch
+        # of B, as one process makes them, and each process keeps its own rows of them (common.own_rows).
+        B, device = x_uint8.shape[0] * WORLD_SIZE, x_uint8.device
         flip = torch.rand(B, 1, 1, 1, device=device) < 0.5
         t = torch.randint(0, abar.numel(), (B,), device=device)            # t ~ U{0..T-1}: the paper's 1..T
-        eps = torch.randn(x_uint8.shape, device=device)                    # eps ~ N(0, I)
+        eps = torch.randn((B, *x_uint8.shape[1:]), device=device)          # eps ~ N(0, I)
+        flip, t, eps = own_rows(flip), own_rows(t), own_rows(eps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s)
         opt.zero_grad(set_to_none=True)         # before the forward: no gradient outlives its step
@@ -350,6 +355,7 @@ def make_train_step(model, ema, opt, scaler, abar, s, amp=None, compiled=False):
             torch.compiler.cudagraph_mark_step_begin()   # a new step: the last one's graph outputs are done
         loss = loss_of(x_uint8, flip, t, eps)
         scaler.scale(loss).backward()           # fp16: the loss times 2^k, so small gradients survive
+        average_gradients(weights)              # torchrun: the mean of the slices' gradients, the whole batch's
         scaler.unscale_(opt)                    # the true gradients again, before they are clipped
         torch.nn.utils.clip_grad_norm_(weights, s["grad_clip"])   # on the device: no host sync
         scaler.step(opt)                        # fp16: skipped when a gradient overflowed, then k shrinks
@@ -360,7 +366,7 @@ def make_train_step(model, ema, opt, scaler, abar, s, amp=None, compiled=False):
         decay = min(s["ema_decay"], (1 + step) / (10 + step))
         with torch.no_grad():                   # one multi-tensor kernel for all weights
             torch._foreach_lerp_(ema_weights, weights, 1 - decay)
-        return loss.detach()
+        return mean_over_processes(loss.detach())   # torchrun: the whole batch's loss, as one process has it
 
     return train_step
 
@@ -369,20 +375,22 @@ def train(train_step, x_train, s, step, progress, save, stop):
     """Repeat the step until step s["steps"], each on a batch of B training images in a seeded per-epoch
     order (so --resume sees the same order). Returns the step reached (earlier on Ctrl-C)."""
     order = EpochOrder(x_train.shape[0], s["batch_size"], s["seed"], x_train.device)
+    mine = this_process(s["batch_size"])                    # torchrun: this process's slice of each batch
     warm_until = step + (3 if progress.warmup else 1)       # CUDA graphs: 1 warms up, 2 records, 3 replays
     while step < s["steps"]:
-        loss = train_step(x_train[order.batch(step)], step)
+        loss = train_step(x_train[order.batch(step)[mine]], step)
         step += 1
         # ---- bookkeeping, at a step boundary, where model, EMA, optimiser and RNG agree ----
         progress.add(loss=loss)                             # summed on the device: no host sync
         if step == warm_until:
             progress.warmed_up(step, "compile + warm-up" if progress.warmup else "warm-up")
-        due_save = (step % s["save_every"] == 0 and step < s["steps"]) or stop.requested
+        stopping = stop.agreed()                            # Ctrl-C, SIGTERM (torchrun: in any process)
+        due_save = (step % s["save_every"] == 0 and step < s["steps"]) or stopping
         if step % s["log_every"] == 0 or step == s["steps"] or due_save or progress.due():
             progress.line(step, lr=f"{lr_at(step - 1, s):.1e}")   # stops the run if the loss is not finite
         if due_save:
             save(step)
-        if stop.requested:                                  # Ctrl-C or SIGTERM: saved just above
+        if stopping:                                        # saved just above
             break
     return step
 
@@ -443,12 +451,12 @@ def check_settings(s):
         fail(f"--image-size {s['image_size']} must be divisible by 2^(levels-1) = {2 ** (len(s['ch_mult']) - 1)}")
     if s["sample_steps"] > s["T"]:
         fail(f"--sample-steps must be at most T = {s['T']}")
+    require_divisible(s["batch_size"])          # torchrun: one equal slice of each batch per process
 
 
 def main(argv=None):
     args = parse_args(argv)
     s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
-    device = pick_device(args.device, None if args.resume else args.preset)   # resumed: its own settings
     ckpt = None
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
         ckpt, s = load_for_resume(args.out, "ema", explicit, FREE_ON_RESUME,
@@ -456,6 +464,8 @@ def main(argv=None):
     check_settings(s)
     x_train, classes, info = training_images(s, ckpt, args)
     samples_png = args.samples or beside(args.out, "_samples.png")
+    # Every check has passed: the device, and under torchrun the process group (common.start_processes).
+    device = start_processes(args.device, None if args.resume else args.preset)   # resumed: its own settings
 
     # No other run writes these files until this one ends; Ctrl-C stops at the end of a step and saves.
     with claim_output(args.out, samples_png), StopFlag(resume_hint("ddpm.py", args)) as stop:
@@ -476,10 +486,12 @@ def main(argv=None):
                             warming=compiled, on_nan=f"the last good checkpoint {args.out} "
                             f"(if any) is kept; start a new run with a lower --lr")
 
-        def save(step, final=False):
-            atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), step=step, settings=s, data=info,
-                             classes=classes, finished=final, num_params=sum(p.numel() for p in model.parameters()),
-                             **training_state(opt, scaler, device)), args.out)
+        def save(step, final=False):              # torchrun: rank 0 writes, the others wait for the file
+            if MAIN:
+                atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), step=step, settings=s, data=info,
+                                 classes=classes, finished=final, num_params=sum(p.numel() for p in model.parameters()),
+                                 **training_state(opt, scaler, device)), args.out)
+            barrier()
 
         if compiled:
             print(f"compiling the training step (the first steps take "
@@ -489,7 +501,8 @@ def main(argv=None):
         if stop.requested:
             raise SystemExit(f"interrupted at step {step}; saved {args.out}: continue with "
                              f"{command('ddpm.py', args, '--resume', '--out', args.out)}")
-        save_grid(sample_grid(ema, abar, s, amp, device), samples_png, nrow=8)
+        if MAIN:
+            save_grid(sample_grid(ema, abar, s, amp, device), samples_png, nrow=8)
         save(step, final=True)
     print(f"wrote {args.out} (step {step}) and {samples_png}", flush=True)
 
