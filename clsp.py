@@ -55,11 +55,12 @@ import os
 import sys
 
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
-from common import (EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, claim_output,
-                    command, compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset,
-                    load_for_resume, peak_flops, pick_device, refuse_to_overwrite, require_free_space, resume_hint,
-                    require_same_data, resolve_settings, restore_training_state, run_main, settings_adder,
-                    tensor_bytes, training_state, with_eager_fallback)
+from common import (MAIN, WORLD_SIZE, EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype,
+                    average_gradients, barrier, claim_output, command, compile_enabled, count_flops, data_info, fail,
+                    gather, load_artifact, load_dataset, load_for_resume, own_rows, peak_flops, refuse_to_overwrite,
+                    require_divisible, require_free_space, require_same_data, resolve_settings,
+                    restore_training_state, resume_hint, run_main, settings_adder, start_processes, sync_batchnorm,
+                    tensor_bytes, this_process, training_state, with_eager_fallback)
 
 import torch
 import torch.nn as nn
@@ -322,6 +323,12 @@ def channel_stats(x):
 # for CLSP, the image again for the "-aug" control, None for the plain base) and the step number, from
 # which each step computes its own learning rate (and MoCo its key momentum). So the loop never asks
 # which base or which positive it runs.
+#   Under torchrun (several processes, one per GPU) a step gets this process's slice of the batch, and
+# three lines of each step make it compute what one process computes (common.py explains them): the
+# augmentation is drawn for the whole batch and each process keeps its rows (own_rows); the embeddings
+# are gathered (gather) before the loss, which every process then computes over the whole batch; the
+# gradients are averaged before the update (optimiser_step). BatchNorm sees the whole batch
+# (sync_batchnorm, in make_model). With one process these calls return their input.
 # ------------------------------------------------------------------------------------------------
 
 def lr_at(step, s, steps_per_epoch):
@@ -345,6 +352,7 @@ def optimiser_step(opt, scaler, loss, lr):
     for g in opt.param_groups:
         g["lr"] = lr
     scaler.scale(loss).backward()              # fp16 only: loss scaling; otherwise plain backward()
+    average_gradients([w for g in opt.param_groups for w in g["params"]])   # torchrun: the mean over processes
     scaler.step(opt)
     scaler.update()
 
@@ -358,8 +366,9 @@ def make_train_step(net, opt, scaler, s, mean, std, steps_per_epoch, amp=None, c
     # Compiled (the default on a GPU): the network and, separately, apply_augment, whose ~290 small
     # operations each read and write the whole batch eagerly; inductor fuses the elementwise ones. The
     # random parameters stay eager, so a compiled run draws the very augmentations an eager run draws.
-    # (`python tests/benchmark.py --stages 3` times both.)
-    forward = torch.compile(net) if compiled else net
+    # (`python tests/benchmark.py --stages 3` times both.) Under torchrun the network stays eager:
+    # SyncBatchNorm's collectives break a compiled graph at every BatchNorm and are reported to crash it.
+    forward = torch.compile(net) if compiled and WORLD_SIZE == 1 else net
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
 
     def train_step(idx, x, x3, step):
@@ -367,13 +376,15 @@ def make_train_step(net, opt, scaler, s, mean, std, steps_per_epoch, amp=None, c
         # [v1; v2; v3]: the real batch twice and one third positive per image, all augmented in one call
         # with independent parameters per image, so v1 and v2 (and a "-aug" v3) differ.
         raw = torch.cat([x, x] + ([x3] if x3 is not None else []))         # uint8 [V*B, 3, H, W]
-        p = sample_augment_params(raw.shape[0], H, W, x.device)            # augment() in two steps
+        p = sample_augment_params(raw.shape[0] * WORLD_SIZE, H, W, x.device)   # augment() in two steps;
+        p = own_rows(p, views=raw.shape[0] // B)                           # torchrun: this process's rows
         views = augment_views(raw, p, H, mean, std).contiguous(memory_format=layout)
         # One forward pass over all 3B images, so BatchNorm normalises v1, v2 and v3 together.
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
             z = forward(views)
         z = F.normalize(z.float(), dim=1)          # the losses in fp32, outside autocast
         z1, z2, z3 = z[:B], z[B:2 * B], (z[2 * B:] if x3 is not None else None)
+        z1, z2, z3 = gather(z1), gather(z2), gather(z3)   # torchrun: the whole batch, every negative
         loss, l_simclr, l_clsp = total_loss(z1, z2, z3, s["lam"], s["tau"])
         optimiser_step(opt, scaler, loss, lr_at(step, s, steps_per_epoch))
         return dict(L_simclr=l_simclr.detach(), **({} if z3 is None else {term_name(s): l_clsp.detach()}))
@@ -419,8 +430,8 @@ def make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, steps_per_epo
     k <- m k + (1 - m) q after each step; queue (2 views) holds the keys of earlier batches. The CLSP
     term is the SimCLR one on the queries: lam * mean ||q1 - q3||^2, q3 the third positive's query."""
     layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
-    query = torch.compile(net) if compiled else net                # compiled as the SimCLR step is
-    key = torch.compile(key_net) if compiled else key_net
+    query = torch.compile(net) if compiled and WORLD_SIZE == 1 else net      # compiled as the SimCLR step is
+    key = torch.compile(key_net) if compiled and WORLD_SIZE == 1 else key_net
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
     q_weights, k_weights = list(net.parameters()), list(key_net.parameters())
     total_steps = s["epochs"] * steps_per_epoch
@@ -432,23 +443,25 @@ def make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, steps_per_epo
     def train_step(idx, x, x3, step):
         B, H, W = x.shape[0], x.shape[2], x.shape[3]
         raw = torch.cat([x, x] + ([x3] if x3 is not None else []))
-        p = sample_augment_params(raw.shape[0], H, W, x.device, **AUGMENT["moco"])   # MoCo's colours
-        views = augment_views(raw, p, H, mean, std).contiguous(memory_format=layout)
+        p = sample_augment_params(raw.shape[0] * WORLD_SIZE, H, W, x.device, **AUGMENT["moco"])   # MoCo's colours
+        views = augment_views(raw, own_rows(p, raw.shape[0] // B), H, mean, std).contiguous(memory_format=layout)
         # One pass per view, so each view has its own BatchNorm statistics, as in the authors' code.
         q1, q2 = embed(query, views[:B]), embed(query, views[B:2 * B])
         with torch.no_grad():                      # the keys: no gradient, the encoder is an average
             k1, k2 = embed(key, views[:B]), embed(key, views[B:2 * B])
+        q1, q2, k1, k2 = gather(q1), gather(q2), gather(k1), gather(k2)   # torchrun: the whole batch
         l_moco = moco_loss(q1, q2, k1, k2, queue.keys, s["tau"])
         losses = dict(L_moco=l_moco.detach())
         loss = l_moco
         if x3 is not None:
-            l_third = clsp_loss(q1, embed(query, views[2 * B:]))
+            l_third = clsp_loss(q1, gather(embed(query, views[2 * B:])))
             loss = loss + s["lam"] * l_third
             losses[term_name(s)] = l_third.detach()
         optimiser_step(opt, scaler, loss, lr_at(step, s, steps_per_epoch))
         # Only now, after the backward, what changes between steps (a compiled call that failed can be
         # repeated): the key encoder follows the query encoder, and this batch's keys enter the queue,
-        # the negatives of the next batches, never of their own.
+        # the negatives of the next batches, never of their own (torchrun: every process's keys, so
+        # every process holds the same queue).
         m = key_momentum_at(step, s, total_steps)
         with torch.no_grad():
             torch._foreach_lerp_(k_weights, q_weights, 1 - m)          # k <- m k + (1 - m) q
@@ -542,8 +555,8 @@ def make_nnclr_step(net, predictor, queue, opt, scaler, s, mean, std, steps_per_
     backbone + projector, predictor the predictor, queue (1 view) the support set, opt LARS. The CLSP
     term is the SimCLR one on the projections: lam * mean ||z1 - z3||^2."""
     layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
-    forward = torch.compile(net) if compiled else net             # compiled as the SimCLR step is
-    predict = torch.compile(predictor) if compiled else predictor
+    forward = torch.compile(net) if compiled and WORLD_SIZE == 1 else net    # compiled as the SimCLR step is
+    predict = torch.compile(predictor) if compiled and WORLD_SIZE == 1 else predictor
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
 
     def embed(v, with_prediction=True):
@@ -556,21 +569,22 @@ def make_nnclr_step(net, predictor, queue, opt, scaler, s, mean, std, steps_per_
     def train_step(idx, x, x3, step):
         B, H, W = x.shape[0], x.shape[2], x.shape[3]
         raw = torch.cat([x, x] + ([x3] if x3 is not None else []))
-        p = sample_augment_params(raw.shape[0], H, W, x.device, **AUGMENT["nnclr"])
-        p["solarize"][:B] = False                  # the asymmetric recipe: view 1 is never solarised
-        views = augment_views(raw, p, H, mean, std).contiguous(memory_format=layout)
+        p = sample_augment_params(raw.shape[0] * WORLD_SIZE, H, W, x.device, **AUGMENT["nnclr"])
+        p["solarize"][:B * WORLD_SIZE] = False     # the asymmetric recipe: view 1 is never solarised
+        views = augment_views(raw, own_rows(p, raw.shape[0] // B), H, mean, std).contiguous(memory_format=layout)
         (z1, p1), (z2, p2) = embed(views[:B]), embed(views[B:2 * B])
+        z1, p1, z2, p2 = gather(z1), gather(p1), gather(z2), gather(p2)   # torchrun: the whole batch
         # Each view's positive: its nearest neighbour in the support set, paired with the other view's p.
         (nn1, _), (nn2, _) = nearest_neighbour(z1, queue.keys[0]), nearest_neighbour(z2, queue.keys[0])
         l_nnclr = nnclr_loss(nn1, nn2, p1, p2, s["tau"])
         losses = dict(L_nnclr=l_nnclr.detach())
         loss = l_nnclr
         if x3 is not None:
-            l_third = clsp_loss(z1, embed(views[2 * B:], with_prediction=False)[0])
+            l_third = clsp_loss(z1, gather(embed(views[2 * B:], with_prediction=False)[0]))
             loss = loss + s["lam"] * l_third
             losses[term_name(s)] = l_third.detach()
         optimiser_step(opt, scaler, loss, lr_at(step, s, steps_per_epoch))
-        queue.push(z1.detach(), index=idx)         # after the update, as MoCo's keys: never its own batch's
+        queue.push(z1.detach(), index=gather(idx))   # after the update, as MoCo's keys: never its own batch's
         return losses
 
     return train_step
@@ -595,17 +609,20 @@ def train(train_step, x_train, third, s, step, end_of_epoch, stop, progress):
     line and saves. Returns the step reached (earlier on Ctrl-C)."""
     order = EpochOrder(x_train.shape[0], s["batch_size"], s["seed"], x_train.device)
     steps_per_epoch, total_steps = order.steps_per_epoch, s["epochs"] * order.steps_per_epoch
+    mine = this_process(s["batch_size"])                    # torchrun: this process's slice of each batch
     while step < total_steps:
         idx = order.batch(step)
-        losses = train_step(idx, x_train[idx], third(idx), step)
+        x3 = third(idx)                                     # drawn for the whole batch, as one process draws
+        losses = train_step(idx[mine], x_train[idx[mine]], None if x3 is None else x3[mine], step)
         step += 1
         # ---- bookkeeping, at a step boundary, where weights, momentum and RNG agree ----
         progress.add(**losses)                              # summed on the device: no host sync
+        stopping = stop.agreed()                            # Ctrl-C, SIGTERM (torchrun: in any process)
         if step % steps_per_epoch == 0:
             end_of_epoch(step)                              # a line (NaN stops the run), a checkpoint
-        elif progress.due() or stop.requested:              # a slow epoch (on a CPU) still prints every 30 s
+        elif progress.due() or stopping:                    # a slow epoch (on a CPU) still prints every 30 s
             progress.line(step / steps_per_epoch)           # and a partial epoch is checked before its save
-        if stop.requested:                                  # Ctrl-C or SIGTERM
+        if stop.requested:                                  # (end_of_epoch may ask for it: --stop-after-epoch)
             break
     return step
 
@@ -727,6 +744,7 @@ def check_settings(s, explicit):
             fail(f"--{k.replace('_', '-')} must be a positive whole number, got {s[k]}")
     if s["batch_size"] < 2:
         fail("--batch-size must be at least 2: the loss needs other images in the batch as negatives")
+    require_divisible(s["batch_size"])          # torchrun: one equal slice of each batch per process
     if not 0 <= s["warmup_epochs"] <= s["epochs"]:
         fail(f"--warmup-epochs must be between 0 and --epochs ({s['epochs']}), got {s['warmup_epochs']}")
     if s["knn_every"] < 0:
@@ -761,7 +779,6 @@ def check_settings(s, explicit):
 def main(argv=None):
     args = parse_args(argv)
     s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
-    device = pick_device(args.device, None if args.resume else args.preset)   # resumed: its own settings
     ckpt = None
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
         ckpt, s = load_for_resume(args.out, "backbone", explicit, FREE_ON_RESUME,
@@ -781,6 +798,8 @@ def main(argv=None):
     if not uses_candidates and ckpt is None:
         take_data_from_artifacts(s, explicit)
     x_train, y_train, classes, info = training_images(s, syn, ckpt, args)
+    # Every check has passed: the device, and under torchrun the process group (common.start_processes).
+    device = start_processes(args.device, None if args.resume else args.preset)   # resumed: its own settings
 
     # No other run writes it until this one ends; Ctrl-C stops at the end of a step and saves.
     with claim_output(args.out), StopFlag(resume_hint("clsp.py", args)) as stop:
@@ -794,7 +813,7 @@ def main(argv=None):
         synthetic = syn["images"].to(device) if uses_candidates else None
         net, extra, queue, opt, scaler, amp, step = make_model(s, args, device, ckpt)   # extra: MoCo's key
         backbone, head = net                                                           # encoder, NNCLR's predictor
-        knn_monitor = make_knn_monitor(s, backbone, x_train, y_train, mean, std, len(classes), amp)
+        knn_monitor = make_knn_monitor(s, backbone, x_train, y_train, mean, std, len(classes), amp) if MAIN else None
         print(f"{method}: {N} training images of {info['dataset']} at {info['image_size']}px; lam {s['lam']}, "
               f"tau {s['tau']}, {V} views per image" + (f", K = {synthetic.shape[1]} candidates each" if
               uses_candidates else "") + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
@@ -822,14 +841,16 @@ def main(argv=None):
                             warming=compiled, on_nan=f"the last good checkpoint {args.out} (if any) is kept; "
                                                      f"start a new run with a lower --lr")
 
-        def save(step):
-            atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), epoch=step // steps_per_epoch,
-                             step=step, settings=s, method=method, data=info, classes=classes,
-                             synthetic=made_from(syn, s["synthetic"]) if uses_candidates else None,
-                             norm=dict(mean=norm[0], std=norm[1]), finished=step == s["epochs"] * steps_per_epoch,
-                             num_params=dict(backbone=sum(p.numel() for p in backbone.parameters()),
-                                             head=sum(p.numel() for p in head.parameters())),
-                             **base_state(s, extra, queue), **training_state(opt, scaler, device)), args.out)
+        def save(step):                           # torchrun: rank 0 writes, the others wait for the file
+            if MAIN:
+                atomic_save(dict(backbone=backbone.state_dict(), head=head.state_dict(), epoch=step // steps_per_epoch,
+                                 step=step, settings=s, method=method, data=info, classes=classes,
+                                 synthetic=made_from(syn, s["synthetic"]) if uses_candidates else None,
+                                 norm=dict(mean=norm[0], std=norm[1]), finished=step == s["epochs"] * steps_per_epoch,
+                                 num_params=dict(backbone=sum(p.numel() for p in backbone.parameters()),
+                                                 head=sum(p.numel() for p in head.parameters())),
+                                 **base_state(s, extra, queue), **training_state(opt, scaler, device)), args.out)
+            barrier()
 
         def end_of_epoch(step):
             done = step // steps_per_epoch
@@ -935,12 +956,13 @@ def make_model(s, args, device, ckpt):
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     head = make_nnclr_projector() if s["base"] == "nnclr" else make_head()
     net = nn.Sequential(make_backbone(), head).to(device, memory_format=layout)
+    net = sync_batchnorm(net)   # torchrun: BatchNorm over the whole batch, as in one process (common.py)
     extra = queue = None
     if s["base"] == "moco":   # the key encoder starts as a copy of the query encoder and never learns itself
         extra = copy.deepcopy(net).requires_grad_(False)
         queue = Queue(2, s["queue"], head[-1].out_features, device)
     if s["base"] == "nnclr":
-        extra = make_nnclr_predictor().to(device)
+        extra = sync_batchnorm(make_nnclr_predictor().to(device))
         queue = Queue(1, s["queue"], head[-1].num_features, device)
         opt = LARS(lars_param_groups([net, extra]), momentum=s["momentum"], weight_decay=s["weight_decay"],
                    eta=s["lars_eta"])

@@ -396,7 +396,7 @@ class _SumOverProcesses(torch.autograd.Function):
 class WholeBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the whole batch, summed over the processes: what
     torch.nn.SyncBatchNorm computes, for any device (SyncBatchNorm runs on GPUs only; this one serves the
-    CPU, gloo and the tests). Per channel: mean = sum(x) / n, var = sum(x^2) / n - mean^2 over every
+    CPU, gloo and the tests). Per channel: mean = sum(x) / n, then var = sum((x - mean)^2) / n over every
     process's rows, n of them in all; the running statistics are updated with them as BatchNorm does."""
 
     def _check_input_dim(self, x):
@@ -405,17 +405,16 @@ class WholeBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
+        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
         n = x.numel() // x.shape[1] * WORLD_SIZE
-        sums = _SumOverProcesses.apply(torch.stack([x.sum(dims), x.pow(2).sum(dims)]))
-        mean, var = sums[0] / n, sums[1] / n - (sums[0] / n) ** 2
+        mean = _SumOverProcesses.apply(x.sum(dims)) / n
+        x = x - mean.view(shape)            # two passes, as BatchNorm's own kernels: sum(x^2)/n - mean^2
+        var = _SumOverProcesses.apply(x.pow(2).sum(dims)) / n   # loses float32's digits (1 % gradient errors)
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / (n - 1), self.momentum)     # unbiased, as BatchNorm keeps it
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
-            + self.bias.view(shape)
+        return x * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
 def sync_batchnorm(module):
@@ -426,14 +425,13 @@ def sync_batchnorm(module):
         return module
     if next(module.parameters()).is_cuda:
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
-            new = WholeBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                 child.track_running_stats).to(child.weight.device)
-            new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
-        else:
-            sync_batchnorm(child)
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+                new = WholeBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats).to(child.weight.device, child.weight.dtype)
+                new.load_state_dict(child.state_dict())
+                setattr(parent, name, new)
     return module
 
 
@@ -878,13 +876,14 @@ PEAK_BF16_TFLOPS = {"H100": 989, "H100 PCIe": 756, "H100 NVL": 835, "H800": 989,
 
 
 def peak_flops(device):
-    """The GPU's dense bf16 tensor-core peak in FLOP/s, or None when unknown (then no MFU is shown)."""
+    """The GPU's dense bf16 tensor-core peak in FLOP/s, or None when unknown (then no MFU is shown); under
+    torchrun, the N GPUs' together, as the speed shown is the whole batch's."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     for key, tflops in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
         if key in name:
-            return tflops * 1e12
+            return tflops * 1e12 * WORLD_SIZE
     return None
 
 
