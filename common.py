@@ -465,6 +465,15 @@ def any_process(flag):
     return bool(t.item())
 
 
+def from_main(obj):
+    """Rank 0's value of a Python object, in every process (what it found on disk, say); one process: obj."""
+    if not _STARTED:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, group=_HOST_GROUP)
+    return box[0]
+
+
 def barrier():
     """Every process waits here until all have come (rank 0's file is written before the others read it)."""
     if _STARTED:

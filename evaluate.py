@@ -52,7 +52,7 @@ import sys
 import time
 
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
-from common import (Progress, add_run_flags, atomic_write, autocast_dtype, claim_output, command, data_info, fail,
+from common import (WORLD_SIZE, Progress, add_run_flags, atomic_write, autocast_dtype, claim_output, command, data_info, fail,
                     load_artifact, load_dataset, pick_device, resolve_settings, run_main, settings_adder)
 
 import torch
@@ -285,6 +285,9 @@ CHECKPOINT_KEYS = ("backbone", "data", "settings", "epoch")
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
+    if WORLD_SIZE > 1:        # torchrun: stages 1 to 3 use several GPUs; this one is seconds to minutes on one
+        fail(f"evaluate.py runs as one process (seconds to minutes on one GPU), not under torchrun: run "
+             f"{command('evaluate.py', args)}")
     s, _ = resolve_settings(args, DEFAULTS, PRESETS)
     device = pick_device(args.device, args.preset)
     ckpt = load_artifact(args.checkpoint, CHECKPOINT_KEYS, "a clsp.py checkpoint",

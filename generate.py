@@ -49,10 +49,11 @@ import sys
 import time
 
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
-from common import (Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, beside, claim_output, command,
-                    compile_enabled, count_flops, data_info, fail, load_artifact, load_dataset, part_path,
-                    peak_flops, pick_device, refuse_to_overwrite, require_free_space, require_same_data,
-                    resolve_settings, resume_parts, run_main, save_grid, settings_adder, with_eager_fallback)
+from common import (MAIN, RANK, WORLD_SIZE, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, barrier,
+                    beside, claim_output, command, compile_enabled, count_flops, data_info, fail, from_main,
+                    load_artifact, load_dataset, part_path, peak_flops, refuse_to_overwrite, require_free_space,
+                    require_same_data, resolve_settings, resume_parts, run_main, save_grid, settings_adder,
+                    start_processes, with_eager_fallback)
 
 import torch
 
@@ -164,11 +165,12 @@ def main(argv=None):
     args = parse_args(argv)
     s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
     check_settings(s)
-    device = pick_device(args.device, args.preset)
     ckpt = load_ddpm(args, s, explicit)                       # fills in the DDPM's data set and size
     x_train, info = load_anchors(s, ckpt, args)
     preview = args.preview or beside(args.out, "_preview.png")
     sweep_png = args.sweep or beside(args.out, "_w_sweep.png")
+    # Every check has passed: the device, and under torchrun the process group (common.start_processes).
+    device = start_processes(args.device, args.preset)
 
     # No other run writes these files until this one ends; Ctrl-C or SIGTERM stops after the current batch.
     with claim_output(args.out, preview, sweep_png), StopFlag() as stop:
@@ -186,6 +188,8 @@ def main(argv=None):
                                   "autocast": str(sampler.amp or "fp32"), "compile": compiled},   # other pixels
                         data=info, ddpm=dict(step=ckpt["step"], fingerprint=weights_fingerprint(ckpt["ema"])))
         images, timing = make_all(sampler, x_train, s, parts, manifest, compiled, stop)
+        if not MAIN:                                # torchrun: rank 0 alone makes the pictures and the file
+            return
 
         # The w sweep: anchors spread over the data set (a folder sorted by class shows several classes),
         # as many as one batch holds, sampled once per w with the same random streams (batch index -1),
@@ -216,32 +220,45 @@ def make_all(sampler, x_train, s, parts, manifest, compiled, stop):
     """All candidates, batch b making those of anchors b*A .. b*A+A-1 from its own random streams.
     Finished batches are kept in `parts` beside a manifest of what made them; only a run with the same
     manifest may use them, so one candidate set never mixes two settings or two DDPMs. Ctrl-C (or
-    SIGTERM) stops after the current batch, which is kept."""
+    SIGTERM) stops after the current batch, which is kept. Under torchrun the batches left to make are
+    dealt round by round, one to each process (batch b is made from b's streams wherever it is made, so
+    the set is the one-process set, and a rerun with another N resumes the same folder); each process
+    writes its own parts, and rank 0, which holds the others' from disk at the end, returns them all."""
     N, K = x_train.shape[0], s["K"]
     A = sampler.rows // K                       # anchors per batch, each repeated K times
     n_batches = math.ceil(N / A)
-    chunks = resume_parts(parts, manifest, n_batches)           # those an interrupted run finished
-    done = sum(c.shape[0] for c in chunks.values())
+    chunks = resume_parts(parts, manifest, n_batches) if MAIN else {}   # those an interrupted run finished
+    todo = from_main([b for b in range(n_batches) if b not in chunks])  # torchrun: as rank 0 found them
+    done = N - sum(min(A, N - b * A) for b in todo)
     device = sampler.abar.device
     peak = peak_flops(device)                   # the MFU only where the GPU's peak is known
     flops = peak and K * s["S"] * flops_per_sampler_step(sampler.unet, s["image_size"], device)
     progress = Progress(N, done, "anchor", K, flops, peak, warming=compiled)
     t_start = t0 = time.perf_counter()
     made = 0
+    rounds = math.ceil(len(todo) / WORLD_SIZE)  # one process: a round is a batch
     try:
-        for b in range(n_batches):
-            if b in chunks:
-                continue
-            chunks[b] = sampler.candidates(x_train[b * A:(b + 1) * A], K, s["w"], b)
-            atomic_save({"images": chunks[b]}, part_path(parts, b))   # the .cpu() in it waited for the GPU
-            done, made = done + chunks[b].shape[0], made + chunks[b].shape[0] * K
+        for r in range(rounds):
+            if r * WORLD_SIZE + RANK < len(todo):
+                b = todo[r * WORLD_SIZE + RANK]
+                images = sampler.candidates(x_train[b * A:(b + 1) * A], K, s["w"], b)
+                atomic_save({"images": images}, part_path(parts, b))   # the .cpu() in it waited for the GPU
+                chunks[b] = images if MAIN else None                   # rank 0 reads the others' at the end
+                # torchrun: every process makes one batch a round, so rank 0 counts its own N times
+                done = min(N, done + images.shape[0] * WORLD_SIZE)
+                made += images.shape[0] * K * WORLD_SIZE
             if progress.warmup == "compiling":
                 progress.warmed_up(done, "compile")
                 t0, made = time.perf_counter(), 0   # images/s: after the compile
-            if progress.due(10) or done == N:       # a line every ~10 s
-                progress.line(done, batch=f"{b + 1}/{n_batches}")
-            if stop.requested and done < N:
+            if progress.due(10) or r == rounds - 1: # a line every ~10 s
+                progress.line(done, batch=f"{n_batches - len(todo) + min((r + 1) * WORLD_SIZE, len(todo))}"
+                                          f"/{n_batches}")
+            if stop.agreed() and r < rounds - 1:    # torchrun: all stop after the same round
                 raise KeyboardInterrupt
+        barrier()                                   # every part is on disk
+        if MAIN:
+            chunks.update({b: torch.load(part_path(parts, b), weights_only=True)["images"]
+                           for b in todo if chunks.get(b) is None})
     except KeyboardInterrupt:                       # that stop, or a second Ctrl-C within a batch
         fail(f"interrupted with {done}/{N} anchors done; the finished batches are kept in {parts}: "
              f"rerun the same command to resume")
@@ -249,6 +266,8 @@ def make_all(sampler, x_train, s, parts, manifest, compiled, stop):
         fail(f"out of GPU memory at --batch-size {s['batch_size']}; rerun with a smaller --batch-size "
              f"(and delete {parts}: its batches were made with this batch size)")
     rate = made / (time.perf_counter() - t0) if made else None
+    if not MAIN:
+        return None, None
     return torch.cat([chunks[b] for b in range(n_batches)]), dict(seconds=time.perf_counter() - t_start,
                                                                   images_per_second=rate)
 
