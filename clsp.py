@@ -32,6 +32,7 @@ view. Neither reads synthetic data. CLSP-NNCLR (the term on NNCLR's projections)
     python clsp.py --preset quick                    # ~30 epochs, part of the ~10 min quick pipeline
     python clsp.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
     python clsp.py --resume                          # continue an interrupted run to its last epoch
+    torchrun --standalone --nproc-per-node 4 clsp.py --preset paper   # 4 GPUs: the same run (README)
 
 Reads:  runs/synthetic.pt (from generate.py; only for CLSP) and the training images. The data set,
         directory and image size default to the ones the synthetic set was made from; without

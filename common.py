@@ -106,14 +106,21 @@ def run_main(main, argv, oom_hint, interrupt_hint="nothing was lost that was sav
             fail(f"out of GPU memory (nvidia-smi shows what else uses it); {oom_hint}")
         except KeyboardInterrupt:
             fail(f"stopped at once by Ctrl-C; {interrupt_hint}")
-        except torch.distributed.DistError as e:     # a collective failed: another process ended, or hung
-            if WORLD_SIZE == 1:
+        except Exception as e:                      # torchrun: a collective failed (another process ended or hung)
+            if not _STARTED or not _in_a_collective(e):
                 raise
             first_line = (str(e).strip().splitlines() or [""])[0][:160]
             fail(f"process {RANK} lost the other processes of this run ({type(e).__name__}: {first_line}); "
                  f"one of them stopped, and its own message says why")
     except SystemExit as e:
         raise said_once(e) from None
+
+
+def _in_a_collective(e):
+    """Did e come from torch.distributed (gloo says "Connection closed by peer" as a plain RuntimeError)?"""
+    import traceback
+    return isinstance(e, torch.distributed.DistError) or any(
+        f"torch{os.sep}distributed" in frame.filename for frame in traceback.extract_tb(e.__traceback__)[-3:])
 
 
 def said_once(e):

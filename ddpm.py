@@ -16,6 +16,7 @@ and a real "anchor" image.
     python ddpm.py --preset quick                    # the short DDPM of the ~10 minute pipeline
     python ddpm.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
     python ddpm.py --resume                          # continue an interrupted run
+    torchrun --standalone --nproc-per-node 4 ddpm.py --preset paper   # 4 GPUs: the same run (README)
 
 Reads:  the training images (--dataset cifar10 | cifar100 | folder, --data-dir); it also checks that
         the test images the later stages need are there.

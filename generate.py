@@ -28,6 +28,7 @@ The whole loop, line by line (`interpolated_ddim_sample` below is exactly this):
     python generate.py --preset quick               # K = 2, S = 25: for the ~10 minute pipeline
     python generate.py --preset tiny --dataset folder --data-dir DIR    # seconds on a CPU, for tests
     python generate.py --w 1                        # plain unconditional DDIM samples, for comparison
+    torchrun --standalone --nproc-per-node 4 generate.py   # 4 GPUs: the same candidates, bit for bit
 
 Reads:  runs/ddpm.pt (the EMA weights; its data set and image size are the defaults here) and the
         training images (the anchors, in the order common.load_dataset gives them).
