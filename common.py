@@ -776,8 +776,9 @@ def tensor_bytes(tensors):
 
 
 def refuse_to_overwrite(path, how_to_continue):
-    """A new run never replaces an existing artifact (hours of work): it says what to do instead."""
-    if os.path.exists(path):
+    """A new run never replaces an existing artifact (hours of work): it says what to do instead. (Under
+    torchrun rank 0, the writer, checks and says it; the others end when it does.)"""
+    if MAIN and os.path.exists(path):
         fail(f"{path} already exists; {how_to_continue}, write elsewhere with --out, or delete it to start over")
 
 

@@ -182,3 +182,12 @@ def test_evaluate_under_torchrun_says_it_is_one_process(tmp_path):
     out = torchrun(os.path.join(REPO, "evaluate.py"), "--preset", "tiny", cwd=tmp_path, check=False)
     assert out.returncode != 0
     assert len(errors(out)) == 1 and "runs as one process" in errors(out)[0]
+
+
+def test_an_existing_out_is_refused_once(chain, tmp_path):
+    """Rank 0 (the writer) refuses to overwrite; the other process ends with it, silently."""
+    root = chain.copy_upto("ddpm.py", tmp_path)
+    out = torchrun(os.path.join(REPO, "ddpm.py"), *TINY, "--data-dir", chain.data, "--device", "cpu", cwd=root,
+                   check=False)
+    assert out.returncode != 0
+    assert len(errors(out)) == 1 and "runs/ddpm.pt already exists" in errors(out)[0]
