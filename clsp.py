@@ -347,13 +347,20 @@ def term_name(s):
     return "L_aug" if s.get("positive") == "view" else "L_clsp"
 
 
+def compiled_network(module, compiled):
+    """The network as a step calls it: compiled (with torch.compile on, the default on a GPU), or as it is.
+    Under torchrun it stays eager: SyncBatchNorm's collectives break a compiled graph at every BatchNorm
+    and are reported to crash it; the augmentation, which has none, is compiled either way."""
+    return torch.compile(module) if compiled and WORLD_SIZE == 1 else module
+
+
 def optimiser_step(opt, scaler, loss, lr):
     """Backward and one update at learning rate lr, the same for every base (fp16: with loss scaling)."""
     opt.zero_grad(set_to_none=True)
     for g in opt.param_groups:
         g["lr"] = lr
     scaler.scale(loss).backward()              # fp16 only: loss scaling; otherwise plain backward()
-    average_gradients([w for g in opt.param_groups for w in g["params"]])   # torchrun: the mean over processes
+    average_gradients(w for g in opt.param_groups for w in g["params"])   # torchrun: the mean over processes
     scaler.step(opt)
     scaler.update()
 
@@ -367,9 +374,9 @@ def make_train_step(net, opt, scaler, s, mean, std, steps_per_epoch, amp=None, c
     # Compiled (the default on a GPU): the network and, separately, apply_augment, whose ~290 small
     # operations each read and write the whole batch eagerly; inductor fuses the elementwise ones. The
     # random parameters stay eager, so a compiled run draws the very augmentations an eager run draws.
-    # (`python tests/benchmark.py --stages 3` times both.) Under torchrun the network stays eager:
-    # SyncBatchNorm's collectives break a compiled graph at every BatchNorm and are reported to crash it.
-    forward = torch.compile(net) if compiled and WORLD_SIZE == 1 else net
+    # (`python tests/benchmark.py --stages 3` times both.) Under torchrun the network stays eager
+    # (compiled_network says why).
+    forward = compiled_network(net, compiled)
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
 
     def train_step(idx, x, x3, step):
@@ -431,8 +438,8 @@ def make_moco_step(net, key_net, queue, opt, scaler, s, mean, std, steps_per_epo
     k <- m k + (1 - m) q after each step; queue (2 views) holds the keys of earlier batches. The CLSP
     term is the SimCLR one on the queries: lam * mean ||q1 - q3||^2, q3 the third positive's query."""
     layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
-    query = torch.compile(net) if compiled and WORLD_SIZE == 1 else net      # compiled as the SimCLR step is
-    key = torch.compile(key_net) if compiled and WORLD_SIZE == 1 else key_net
+    query = compiled_network(net, compiled)                        # compiled as the SimCLR step is
+    key = compiled_network(key_net, compiled)
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
     q_weights, k_weights = list(net.parameters()), list(key_net.parameters())
     total_steps = s["epochs"] * steps_per_epoch
@@ -556,8 +563,8 @@ def make_nnclr_step(net, predictor, queue, opt, scaler, s, mean, std, steps_per_
     backbone + projector, predictor the predictor, queue (1 view) the support set, opt LARS. The CLSP
     term is the SimCLR one on the projections: lam * mean ||z1 - z3||^2."""
     layout = layout or (torch.channels_last if mean.is_cuda else torch.contiguous_format)
-    forward = torch.compile(net) if compiled and WORLD_SIZE == 1 else net    # compiled as the SimCLR step is
-    predict = torch.compile(predictor) if compiled and WORLD_SIZE == 1 else predictor
+    forward = compiled_network(net, compiled)                     # compiled as the SimCLR step is
+    predict = compiled_network(predictor, compiled)
     augment_views = torch.compile(apply_augment) if compiled else apply_augment
 
     def embed(v, with_prediction=True):

@@ -443,7 +443,7 @@ def sync_batchnorm(module):
 
 
 def average_gradients(params):
-    """Under torchrun: every parameter's gradient replaced by its mean over the processes, in one
+    """Under torchrun: every parameter's gradient (params: any iterable, only read here) replaced by its mean over the processes, in one
     all_reduce of all of them flattened together (a collective per tensor would cost a launch each)."""
     if not _STARTED:
         return

@@ -63,14 +63,13 @@ def steps(out, base, lam, positive):
     third = clsp.third_positive(s, x_train, synthetic)
     with common.StopFlag() as stop:
         progress = common.Progress(2, 0, "epoch", 1)
-        step = clsp.train(recorded, x_train, third, {**s, "epochs": 2}, 0, lambda step: None, stop, progress)
-    step3 = step                                                   # 2 epochs of 2 steps: 4 steps
+        steps_done = clsp.train(recorded, x_train, third, s, 0, lambda step: None, stop, progress)   # 2 x 2
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     if extra is not None:
         state.update({f"extra.{k}": v for k, v in extra.state_dict().items()})
         state.update(queue=queue.keys, queue_index=queue.index)
     if common.MAIN:
-        torch.save(dict(losses=losses, state=state, steps=step3), out)
+        torch.save(dict(losses=losses, state=state, steps=steps_done), out)
 
 
 def gather(out, naive):
