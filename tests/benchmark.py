@@ -6,6 +6,7 @@ implementation takes, on random data of the real shapes, in one run, so every sp
     python tests/benchmark.py --more             # also channels_last and batch-size scaling (stage 1)
     python tests/benchmark.py --profile 1        # also a torch.profiler table of stage 1's compiled step
     python tests/benchmark.py --device cpu       # tiny sizes, seconds: checks that it runs (tests do this)
+    python tests/benchmark.py --nproc 4         # stages 1-3 on 1 and on 4 GPUs (torchrun), the same global batch
 
 For each stage it prints images/s, the achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter, in
 fp32 terms: a bf16 multiply-add counts the same as an fp32 one), MFU against the GPU's dense bf16 peak
@@ -29,6 +30,7 @@ Not collected by pytest (its name does not start with test_); tests/test_benchma
 import argparse
 import copy
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -381,6 +383,91 @@ SIZES = {  # the real shapes on a GPU; tiny ones on a CPU, where only "it runs" 
 }
 
 
+# ------------------------------------------------------------------------------------------------
+# --nproc N: the training steps and the sampler on N processes (torchrun), beside the same on one
+# ------------------------------------------------------------------------------------------------
+
+def bench_processes(opts):
+    """Runs this file as one process, then under torchrun as N, each timing the stages' steps at the
+    same global batch (stage 2: each process its own batch, as generate.py deals them). The loss column
+    is the first step's, from the same weights and draws: the N-process rows must show the 1-process loss."""
+    for n in (1, opts.nproc):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               os.path.abspath(__file__), "--processes-worker", "--stages", opts.stages] + \
+              (["--device", opts.device] if opts.device else []) + ([] if opts.compile else ["--no-compile"])
+        print(f"\n{n} process{'es' * (n > 1)}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"error: the {n}-process run failed (its output is above)")
+
+
+def processes_worker(opts):
+    """One process of bench_processes: the global batch cut into N slices, as the scripts cut it."""
+    device = common.start_processes(opts.device)
+    sz, amp, n = SIZES["cuda" if device.type == "cuda" else "cpu"], common.autocast_dtype("auto", device), \
+        common.WORLD_SIZE
+    compiled = opts.compile and device.type == "cuda"
+    path = f"{n} proc{'s' * (n > 1)}" + (", compiled" if compiled else ", eager")
+    mine, table = common.this_process, Table(device)
+    if "1" in opts.stages:
+        B = sz["ddpm_batch"]
+        common.require_divisible(B)
+        torch.manual_seed(0)
+        unet = ddpm.UNet(ch=sz["ch"], ch_mult=sz["ch_mult"], attn_res=sz["attn_res"], image_size=sz["img"])
+        unet = unet.to(device).eval()                        # dropout off: the same function on any N
+        opt = torch.optim.Adam(unet.parameters(), lr=1e-12, fused=device.type == "cuda")
+        step = ddpm.make_train_step(unet, copy.deepcopy(unet).requires_grad_(False), opt,
+                                    torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+                                    ddpm.make_schedule().to(device),
+                                    dict(lr=1e-12, warmup=0, grad_clip=1.0, ema_decay=0.9999), amp, compiled)
+        x = torch.randint(0, 256, (B, 3, sz["img"], sz["img"]), dtype=torch.uint8, device=device)[mine(B)]
+        torch.manual_seed(1)
+        loss, first = first_call(lambda: step(x, 0).item())
+        sec = timed(lambda: step(x, 1000), sz["iters"], sz["warmup"], device)
+        table.add("1 DDPM train", path, B, sec, 0, f"loss {loss:.5f}" + compile_note(first, compiled))
+    if "2" in opts.stages:                                   # no communication: each process its own batch
+        torch.manual_seed(0)
+        unet = ddpm.UNet(ch=sz["ch"], ch_mult=sz["ch_mult"], attn_res=sz["attn_res"], image_size=sz["img"])
+        unet, abar, B = unet.to(device).eval().requires_grad_(False), ddpm.make_schedule().to(device), sz["gen_batch"]
+        x = torch.randn(B, 3, sz["img"], sz["img"], device=device)
+        t, w = torch.full((B,), 500, device=device, dtype=torch.long), torch.tensor(0.1, device=device)
+        eps_fn = torch.compile(generate.interpolated_eps) if compiled else generate.interpolated_eps
+
+        @torch.no_grad()
+        def sampler_step():
+            with autocast(device, amp):
+                return ddpm.ddim_step(x, eps_fn(unet, x, x, t, w), 500, 490, abar, 0.1, torch.randn_like(x))
+        _, first = first_call(sampler_step)
+        sec = timed(sampler_step, sz["iters"], sz["warmup"], device)
+        common.barrier()
+        table.add("2 sampler step", path, n * B, sec, 0, compile_note(first, compiled).lstrip("; "))
+    if "3" in opts.stages:
+        B, S = sz["clsp_batch"], sz["img"]
+        common.require_divisible(B)
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        torch.manual_seed(0)
+        net = nn.Sequential(clsp.make_backbone(), clsp.make_head()).to(device, memory_format=layout)
+        net = common.sync_batchnorm(net)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-12, momentum=0.9, weight_decay=1e-4)
+        mean, std = torch.tensor([0.49, 0.48, 0.45], device=device), torch.tensor([0.25, 0.24, 0.26], device=device)
+        s = dict(tau=0.2, lam=1.0, positive="synthetic", lr=1e-12 * 1024 / B, batch_size=B, epochs=1, warmup_epochs=0)
+        step = clsp.make_train_step(net, opt, torch.amp.GradScaler(device.type, enabled=amp == torch.float16), s,
+                                    mean, std, 1, amp, compiled, layout)
+        x_train = torch.randint(0, 256, (sz["clsp_images"], 3, S, S), dtype=torch.uint8, device=device)
+        synthetic = torch.randint(0, 256, (sz["clsp_images"], 2, 3, S, S), dtype=torch.uint8, device=device)
+
+        def batch():                                         # the whole batch's draws; this process's slice
+            i = torch.randint(0, sz["clsp_images"], (B,), device=device)
+            x3 = clsp.pick_candidates(synthetic, i)
+            return i[mine(B)], x_train[i[mine(B)]], x3[mine(B)]
+        torch.manual_seed(1)
+        args = batch()
+        losses, first = first_call(lambda: [v.item() for v in step(*args, 0).values()])
+        sec = timed(lambda: step(*batch(), 0), sz["iters"], sz["warmup"], device)
+        table.add("3 CLSP step", path, 3 * B, sec, 0, f"loss {sum(losses):.5f}" + compile_note(first, compiled))
+    if common.MAIN:
+        table.show()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -390,7 +477,15 @@ def main(argv=None):
     p.add_argument("--more", action="store_true",
                    help="stage 1 also with channels_last and at batch 32 and 512 (launch- or compute-bound?)")
     p.add_argument("--profile", default="", help="stages whose last row is also profiled, e.g. 12")
+    p.add_argument("--nproc", type=int, help="stages 1 to 3's steps on 1 and on N processes (torchrun; one GPU "
+                                             "each, or the CPU with --device cpu)")
+    p.add_argument("--processes-worker", action="store_true", help=argparse.SUPPRESS)   # one of those processes
     opts = p.parse_args(argv)
+    if opts.processes_worker:
+        return processes_worker(opts)
+    if opts.nproc:
+        opts.stages = "".join(k for k in opts.stages if k in "123")
+        return bench_processes(opts)
     device = common.pick_device(opts.device)
     opts.sz = SIZES["cuda" if device.type == "cuda" else "cpu"]
     opts.compile = opts.compile and device.type == "cuda"    # on a CPU, compiling would take minutes
