@@ -180,8 +180,9 @@ def resolve_settings(args, defaults, presets):
 
 
 def command(script, args, *extra, out=None, default_out=None):
-    """`python ddpm.py --preset tiny --dataset folder --data-dir DIR ...`: a command for a hint, with the
-    user's own --preset and data flags (those given on this command line), so it can be pasted as it is.
+    """`python ddpm.py --preset tiny --dataset folder --data-dir DIR ...` (under torchrun, the torchrun that
+    started this run: launcher): a command for a hint, with the user's own --preset and data flags (those
+    given on this command line), so it can be pasted as it is.
     A flag in `extra` replaces the user's flag of that name; `out`, the file the command is to write, is
     passed as --out unless it is the script's own default (default_out)."""
     flags = [] if args.preset == "standard" else ["--preset", args.preset]
@@ -190,7 +191,18 @@ def command(script, args, *extra, out=None, default_out=None):
         flag = f"--{key.replace('_', '-')}"
         if getattr(args, key, None) is not None and flag not in extra:
             flags += [flag, str(getattr(args, key))]
-    return "`" + " ".join(["python", script] + [shlex.quote(f) for f in flags + extra]) + "`"
+    return "`" + " ".join(launcher(script) + [shlex.quote(f) for f in flags + extra]) + "`"
+
+
+def launcher(script):
+    """How a hint starts a script: `python`, or under torchrun the torchrun of this job (one machine: its
+    --nproc-per-node; several: the same torchrun flags), except for evaluate.py, which is one process."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", WORLD_SIZE))
+    if WORLD_SIZE == 1 or script == "evaluate.py":
+        return ["python", script]
+    if local == WORLD_SIZE:
+        return ["torchrun", "--standalone", "--nproc-per-node", str(WORLD_SIZE), script]
+    return ["torchrun", "[the same torchrun flags]", script]
 
 
 # ------------------------------------------------------------------------------------------------

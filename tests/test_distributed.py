@@ -149,6 +149,7 @@ def test_sigterm_stops_every_process_and_a_resume_on_one_process_ends_where_one_
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0 and out.count("interrupted at step") == 1, out
+    assert "continue with `torchrun --standalone --nproc-per-node 2 ddpm.py" in out   # the hint: this job's launcher
     cut = torch.load(tmp_path / "cut" / "ddpm.pt", weights_only=True)
     assert 10 <= cut["step"] < 60 and not cut["finished"]
     run("ddpm.py", "--resume", "--data-dir", tiny_data, "--out", "cut/ddpm.pt", cwd=tmp_path)
@@ -191,3 +192,28 @@ def test_an_existing_out_is_refused_once(chain, tmp_path):
                    check=False)
     assert out.returncode != 0
     assert len(errors(out)) == 1 and "runs/ddpm.pt already exists" in errors(out)[0]
+
+
+def test_an_interrupted_two_process_candidate_set_is_finished_by_one_process(chain, tmp_path):
+    """SIGTERM to a 2-process generate.py keeps the finished batches; one process resumes the parts folder
+    (its manifest does not depend on N) and ends with the set an uninterrupted run makes, bit for bit."""
+    root = chain.copy_upto("ddpm.py", tmp_path)
+    args = ["--preset", "tiny", "--batch-size", "8", "--steps", "20"]
+    run("generate.py", *args, "--out", "runs/whole.pt", cwd=root)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             os.path.join(REPO, "generate.py"), *args, "--out", "runs/cut.pt", "--device", "cpu"],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parts, deadline = os.path.join(root, "runs", "cut.pt.parts"), time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (
+            os.path.isdir(parts) and any(f.startswith("batch_") and f.endswith(".pt") for f in os.listdir(parts))):
+        time.sleep(0.05)                                  # the first batch is on disk: stop
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and out.count("interrupted with") == 1, out
+    kept = [f for f in os.listdir(parts) if f.startswith("batch_")]
+    assert 0 < len(kept) < 16
+    resumed = run("generate.py", *args, "--out", "runs/cut.pt", cwd=root)
+    assert f"resuming: {len(kept)}/16 batches already done" in resumed.stdout
+    whole, cut = (torch.load(os.path.join(root, "runs", f), weights_only=True) for f in ("whole.pt", "cut.pt"))
+    assert torch.equal(whole["images"], cut["images"])
