@@ -109,11 +109,21 @@ def run_main(main, argv, oom_hint, interrupt_hint="nothing was lost that was sav
         except Exception as e:                      # torchrun: a collective failed (another process ended or hung)
             if not _STARTED or not _in_a_collective(e):
                 raise
-            first_line = (str(e).strip().splitlines() or [""])[0][:160]
-            fail(f"process {RANK} lost the other processes of this run ({type(e).__name__}: {first_line}); "
-                 f"one of them stopped, and its own message says why")
+            for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun's SIGTERM to the survivors follows: the
+                signal.signal(sig, signal.SIG_IGN)        # process is ending already, with this sentence
+            raise _lost_the_others(e) from None
     except SystemExit as e:
+        # torchrun's SIGTERM may land while the failed collective's error is on its way out (its sentence,
+        # "stopped by SIGTERM", would hide why): the lost processes are the cause, and said so.
+        if _STARTED and e.__context__ is not None and _in_a_collective(e.__context__):
+            e = _lost_the_others(e.__context__)
         raise said_once(e) from None
+
+
+def _lost_the_others(e):
+    first_line = (str(e).strip().splitlines() or [""])[0][:160]
+    return SystemExit(f"error: process {RANK} lost the other processes of this run ({type(e).__name__}: "
+                      f"{first_line}); one of them stopped, and its own message says why")
 
 
 def _in_a_collective(e):

@@ -176,6 +176,7 @@ def test_an_error_on_one_process_ends_them_all(tmp_path, tiny_data):
     assert out.returncode != 0
     assert "a failure planted on rank 1" in out.stdout + out.stderr
     assert len(errors(out)) <= 1                            # rank 0: at most that it lost the others
+    assert all("lost the other processes" in e for e in errors(out)), errors(out)
     assert not os.path.exists(tmp_path / "runs" / "x.pt")
 
 
