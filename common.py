@@ -189,6 +189,18 @@ def resolve_settings(args, defaults, presets):
     return as_saved({**defaults, **presets[args.preset], **explicit}), explicit
 
 
+def dataset_settings(s, explicit, preset, datasets, presets):
+    """A data set's own recipe, once s["dataset"] is known (STL-10's 64 px and the authors' STL-10 values).
+    datasets[name]["standard"] holds its defaults, which sit beside DEFAULTS: a preset and a flag win over
+    them, as over DEFAULTS; datasets[name][preset] is the data set's own version of a preset (STL-10's
+    `paper` is the authors' STL-10 run), which wins over the preset; a flag wins over everything."""
+    own = datasets.get(s["dataset"], {})
+    as_saved = lambda v: list(v) if isinstance(v, tuple) else v
+    s.update({k: as_saved(v) for k, v in own.get("standard", {}).items() if k not in explicit and k not in presets[preset]})
+    if preset != "standard":
+        s.update({k: as_saved(v) for k, v in own.get(preset, {}).items() if k not in explicit})
+
+
 def command(script, args, *extra, out=None, default_out=None):
     """`python ddpm.py --preset tiny --dataset folder --data-dir DIR ...` (under torchrun, the torchrun that
     started this run: launcher): a command for a hint, with the user's own --preset and data flags (those
@@ -513,45 +525,124 @@ def barrier():
 # Data: the whole data set as one uint8 tensor [N, 3, H, W] (150 MB for CIFAR-10). Every stage loads it
 # the same way, so "image i" means the same picture in all four scripts, and labels come from the
 # class names of the training split, the same numbers in train/ and test/.
+#   Three splits: "pretrain", the images stages 1 to 3 learn from without labels; "train", the labelled
+# images stage 4's probe is fitted on (and the kNN votes come from); "test". On CIFAR and image folders
+# "pretrain" is "train"; on STL-10 it is the 100,000-image unlabeled split, whose labels are all -1
+# (none), and "train" is its 5,000 labelled images.
 # ------------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff")
+DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 
 
 def load_dataset(name, data_dir, split, image_size=32):
-    """Returns (x uint8 [N, 3, S, S], y int64 [N], class_names) for split 'train' or 'test'."""
+    """Returns (x uint8 [N, 3, S, S], y int64 [N], class_names) for split 'pretrain', 'train' or 'test'
+    (above). y is -1 for every image of a split without labels (STL-10's unlabeled one)."""
     if name in ("cifar10", "cifar100"):
-        x, y, classes = _load_cifar(name, data_dir, split)
+        x, y, classes = _load_cifar(name, data_dir, "train" if split == "pretrain" else split)
         if image_size != 32:
-            x = F.interpolate(x.float(), size=image_size, mode="bilinear", antialias=True,
-                              align_corners=False).round().clamp(0, 255).to(torch.uint8)
+            x = _resize(x, image_size)
+    elif name == "stl10":
+        x, y, classes = _load_stl10(data_dir, split, image_size)
     elif name == "folder":
-        x, y, classes = _load_folder(data_dir, split, image_size)
+        x, y, classes = _load_folder(data_dir, "train" if split == "pretrain" else split, image_size)
     else:
-        fail(f"unknown --dataset {name!r}; choose cifar10, cifar100 or folder (with --data-dir DIR)")
-    if split == "train" and len(classes) < 2:
+        fail(f"unknown --dataset {name!r}; choose cifar10, cifar100, stl10 or folder (with --data-dir DIR)")
+    if split in ("pretrain", "train") and len(classes) < 2:
         print(f"warning: {data_dir} has a single class, so every accuracy this pipeline reports is 100 % "
               f"and means nothing; give it two or more class folders", flush=True)
     return x, y, classes
 
 
+def has_own_pretrain_split(name):
+    """True when stages 1 to 3 learn from other images than stage 4's labelled training split (STL-10)."""
+    return name == "stl10"
+
+
+def _resize(x, size):
+    """uint8 images [N, 3, H, W] -> [N, 3, size, size], bilinear with antialiasing (as torchvision's Resize
+    of a PIL image filters), a chunk at a time: 100,000 STL-10 images as floats at once would be 11 GB."""
+    out = torch.empty(x.shape[0], 3, size, size, dtype=torch.uint8)
+    for i in range(0, x.shape[0], 4096):
+        out[i:i + 4096] = F.interpolate(x[i:i + 4096].float(), size=size, mode="bilinear", antialias=True,
+                                        align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
 def _load_cifar(name, data_dir, split):
     import torchvision  # imported here: only this branch needs it
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    made = os.path.abspath(data_dir)           # the outermost folder a download would create, if any
-    while not os.path.exists(os.path.dirname(made)):
-        made = os.path.dirname(made)
-    made = None if os.path.exists(made) else made
+    made = _outermost_new_folder(data_dir)
     try:
         ds = cls(root=data_dir, train=(split == "train"), download=True)
     except Exception as e:  # no network, a half-downloaded archive, a read-only directory...
-        if made:             # a failed download leaves no folder behind, nor the parents it made
-            shutil.rmtree(made, ignore_errors=True)
-        fail(f"could not find or download {name} under {data_dir!r} ({type(e).__name__}: {e}); "
-             f"download it on a machine with internet into that directory, or point at an image "
-             f"folder with --dataset folder --data-dir DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
+        _download_failed(name, data_dir, made, e)
     x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()   # NHWC -> NCHW
     return x, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)
+
+
+def _outermost_new_folder(data_dir):
+    """The outermost folder a download into data_dir would create (None: data_dir exists already)."""
+    made = os.path.abspath(data_dir)
+    while not os.path.exists(os.path.dirname(made)):
+        made = os.path.dirname(made)
+    return None if os.path.exists(made) else made
+
+
+def _download_failed(name, data_dir, made, e):
+    if made:             # a failed download leaves no folder behind, nor the parents it made
+        shutil.rmtree(made, ignore_errors=True)
+    fail(f"could not find or download {name} under {data_dir!r} ({type(e).__name__}: {e}); "
+         f"download it on a machine with internet into that directory, or point at an image "
+         f"folder with --dataset folder --data-dir DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
+
+
+# STL-10 (Coates et al. 2011) as torchvision downloads it: DIR/stl10_binary/ holds unlabeled_X.bin (100,000
+# images), train_X.bin + train_y.bin (5,000, 500 per class), test_X.bin + test_y.bin (8,000) and
+# class_names.txt. An X file is raw uint8, 3 x 96 x 96 bytes an image, each colour channel stored column
+# by column (hence the transpose below); a y file is one byte an image, the class 1..10.
+STL10_FILES = {"pretrain": ("unlabeled_X.bin", None), "train": ("train_X.bin", "train_y.bin"),
+               "test": ("test_X.bin", "test_y.bin")}
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+def _load_stl10(data_dir, split, image_size):
+    """One STL-10 split, read from its binary files here. torchvision's STL10 checks the md5 sum of all
+    2.6 GB each time one is made (tens of seconds, in every stage); it is used only to download and check
+    the archive, once, when the files are not there yet. The images are read in chunks straight from the
+    file (a memory map), so the 100,000 unlabeled ones never need 2.8 GB at 96 px beside their 1.2 GB at
+    64 px, and resized to image_size (the authors: Resize(64) of each PIL image)."""
+    folder = os.path.join(data_dir, "stl10_binary")
+    x_name, y_name = STL10_FILES[split]
+    if not os.path.exists(os.path.join(folder, x_name)):
+        import torchvision  # only to download: 2.6 GB, checked against torchvision's md5 sums
+        made = _outermost_new_folder(data_dir)
+        try:
+            torchvision.datasets.STL10(root=data_dir, split="test", download=True)
+        except Exception as e:
+            _download_failed("stl10", data_dir, made, e)
+    path, per_image = os.path.join(folder, x_name), 3 * 96 * 96
+    size = os.path.getsize(path)
+    if size == 0 or size % per_image:
+        fail(f"{path} holds {size} bytes, not a whole number of 96x96 colour images ({per_image} bytes each): "
+             f"it is damaged or cut short; delete {folder} and run again to download STL-10 anew")
+    raw = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)
+    n = raw.shape[0]
+    if y_name is None:
+        y = torch.full((n,), -1, dtype=torch.int64)       # the unlabeled split: no labels
+    else:
+        labels = np.fromfile(os.path.join(folder, y_name), dtype=np.uint8).astype(np.int64)
+        if labels.shape[0] != n or labels.min() < 1 or labels.max() > 10:
+            fail(f"{os.path.join(folder, y_name)} does not hold one label in 1..10 for each of the {n} images of "
+                 f"{path}; delete {folder} and run again to download STL-10 anew")
+        y = torch.from_numpy(labels - 1)                  # stored 1..10, returned 0..9
+    names = os.path.join(folder, "class_names.txt")
+    classes = open(names).read().split() if os.path.exists(names) else STL10_CLASSES
+    x = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
+    for i in range(0, n, 4096):
+        chunk = torch.from_numpy(np.ascontiguousarray(raw[i:i + 4096].transpose(0, 1, 3, 2)))   # columns -> rows
+        x[i:i + 4096] = chunk if image_size == 96 else _resize(chunk, image_size)
+    return x, y, classes
 
 
 def _load_folder(data_dir, split, image_size):
@@ -631,8 +722,8 @@ def remove_stale_temps(path):
 def data_info(name, x, y, classes):
     """What every artifact records about the data it was made from, so the next stage can check it. The
     fingerprint (a hash of every pixel and label) tells two folders with the same counts apart."""
-    h = hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=8)
-    h.update(y.numpy().tobytes())
+    h = hashlib.blake2b(x.contiguous().numpy(), digest_size=8)   # read in place: no copy of 1.2 GB (STL-10)
+    h.update(y.numpy().tobytes())               # STL-10's unlabeled split: all -1, so its pixels alone decide
     return dict(dataset=name, image_size=int(x.shape[-1]), num_classes=len(classes),
                 num_train=int(x.shape[0]), fingerprint=h.hexdigest())
 
@@ -763,13 +854,14 @@ def atomic_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_artifact(path, keys, what, remedy):
+def load_artifact(path, keys, what, remedy, mmap=False):
     """Load an artifact, or stop with a sentence that says how to make it (`remedy`, a command). It must
-    be a dict with `keys` (`what` names it in messages), not some other file of the same name."""
+    be a dict with `keys` (`what` names it in messages), not some other file of the same name. mmap: its
+    tensors are read from the file only when used (STL-10's 9.8 GB of candidates, copied once where they go)."""
     if not os.path.exists(path):
         fail(f"{path} does not exist; run {remedy} first (or point the flag at the right file)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         fail(f"{path} is not a readable artifact ({type(e).__name__}); it may be truncated or from "
              f"another program: delete it and run {remedy} again")
@@ -851,12 +943,13 @@ def part_path(parts, b):
     return os.path.join(parts, f"batch_{b:06d}.pt")
 
 
-def resume_parts(parts, manifest, n_batches):
+def resume_parts(parts, manifest, n_batches, keep):
     """A long artifact made batch by batch (generate.py's candidates) keeps each finished batch b in
-    part_path(parts, b), beside a manifest of what made them (settings, inputs). Returns the batches an
-    interrupted run with the same manifest finished ({b: images}), or {} and a new, empty parts folder;
-    a parts folder of other settings is refused, so one artifact never mixes two of them."""
-    chunks = {}
+    part_path(parts, b), beside a manifest of what made them (settings, inputs). Each batch an interrupted
+    run with the same manifest finished is handed to keep(b, images) as it is read (one batch in memory at
+    a time, so the whole set is never held twice); returns their numbers, or an empty set and a new, empty
+    parts folder. A parts folder of other settings is refused, so one artifact never mixes two of them."""
+    chunks = set()
     if not os.path.isdir(parts):
         os.makedirs(parts)
         atomic_save(manifest, os.path.join(parts, "manifest.pt"))
@@ -876,9 +969,11 @@ def resume_parts(parts, manifest, n_batches):
             os.remove(os.path.join(parts, name))    # a save that a kill cut short
     for b in range(n_batches):
         try:
-            chunks[b] = torch.load(part_path(parts, b), weights_only=True)["images"]
+            images = torch.load(part_path(parts, b), weights_only=True)["images"]
         except Exception:
-            pass                            # not written yet (or unreadable): it is simply made again
+            continue                        # not written yet (or unreadable): it is simply made again
+        keep(b, images)
+        chunks.add(b)
     print(f"resuming: {len(chunks)}/{n_batches} batches already done in {parts}", flush=True)
     return chunks
 

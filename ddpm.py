@@ -37,7 +37,7 @@ import sys
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
 from common import (MAIN, WORLD_SIZE, EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype,
                     average_gradients, barrier, beside, claim_output, command, compile_enabled, count_flops, data_info,
-                    fail, load_dataset, load_for_resume, mean_over_processes, own_rows, peak_flops,
+                    dataset_settings, fail, has_own_pretrain_split, load_dataset, load_for_resume, mean_over_processes, own_rows, peak_flops,
                     refuse_to_overwrite, require_divisible, require_free_space, require_same_data, resolve_settings,
                     restore_training_state, resume_hint, run_main, save_grid, settings_adder, start_processes,
                     tensor_bytes, this_process, training_state, with_eager_fallback)
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 DEFAULTS = dict(  # the `standard` preset: the authors' recipe with the design card's small UNet
     dataset="cifar10", data_dir="data", image_size=32, seed=0,
-    ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=16, dropout=0.1,   # authors: ch 128
+    ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1,   # authors: ch 128
     T=1000, beta_1=1e-4, beta_T=0.02,                                          # Ho et al.
     batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999,     # Ho et al. / authors
     steps=60_000,                      # authors: batch 4 x 50, 2000 epochs (~500k steps); Ho et al.: 800k at 128
@@ -63,7 +63,7 @@ DEFAULTS = dict(  # the `standard` preset: the authors' recipe with the design c
 PRESETS = {
     # seconds on a CPU: a toy UNet (2 levels, 1 block each) that shows the loop works; numbers mean nothing
     # (16x16 images: a 2-core CPU trains ~25 images/s at 32x32 even with this toy UNet)
-    "tiny": dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=8, batch_size=16,
+    "tiny": dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), batch_size=16,
                  steps=20, warmup=10, ema_decay=0.9, sample_steps=5, log_every=5, save_every=10),
     # the DDPM of the ~10 minute quick pipeline (its GPU time is not yet measured)
     "quick": dict(steps=8_000, warmup=1000, ema_decay=0.999, save_every=2000),
@@ -72,6 +72,18 @@ PRESETS = {
     # they ran batch 200 for ~500k steps on 4 GPUs), in fewer, larger steps, which suit one GPU better
     "paper": dict(ch=128, batch_size=512, steps=200_000, ema_decay=0.9999),
 }
+# A data set's own recipe (common.dataset_settings): "standard" sits beside DEFAULTS (a preset or a flag wins
+# over it), another preset's entry is the data set's own version of that preset. STL-10 at 64 px follows the
+# authors' configs/diffusion_stl10.yaml, the last of the five variants it lists ("V5", with which they resumed
+# their run at epoch 300): ch 192, ch_mult (1, 2, 3, 4) (levels of 64, 32, 16 and 8 px), attention at levels
+# 1 and 2 (32 and 16 px), 2 res blocks, dropout 0.15, lr 5e-5, batch 20 per GPU on 4 GPUs, 1000 epochs; T and
+# the betas as on CIFAR. (Their first variant, "V1", was ch 128, attention at 32, 16 and 8 px, 3 res blocks,
+# lr 2e-4, batch 50 per GPU.) `standard` keeps V5's layout at the design card's width, ch 64, as CIFAR's
+# standard keeps the CIFAR layout at ch 64; `paper` is V5 itself.
+DATASETS = {"stl10": {
+    "standard": dict(image_size=64, ch_mult=(1, 2, 3, 4), attn_res=(32, 16), dropout=0.15, lr=5e-5),
+    "paper": dict(ch=192, batch_size=80, steps=1_250_000),   # 1000 epochs of the 100,000 images at batch 80
+}}
 FREE_ON_RESUME = {"data_dir", "log_every", "save_every", "sample_steps"}   # flags --resume may change
 
 
@@ -193,9 +205,10 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t), split as decode(encode(x_t, t)) so stage 2 can edit the bottleneck h."""
 
-    def __init__(self, ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=16, dropout=0.1, image_size=32):
+    def __init__(self, ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1, image_size=32):
         super().__init__()
         self.ch = ch
+        attn_res = (attn_res,) if isinstance(attn_res, int) else tuple(attn_res)   # the resolutions with attention
         tdim = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
@@ -205,7 +218,7 @@ class UNet(nn.Module):
         self.down, chans, now, res = nn.ModuleList(), [ch], ch, image_size
         for i, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(now, ch * mult, tdim, dropout, attn=(res == attn_res)))
+                self.down.append(ResBlock(now, ch * mult, tdim, dropout, attn=(res in attn_res)))
                 now = ch * mult
                 chans.append(now)
             if i != len(ch_mult) - 1:
@@ -219,7 +232,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(chans.pop() + now, ch * mult, tdim, dropout, attn=(res == attn_res)))
+                self.up.append(ResBlock(chans.pop() + now, ch * mult, tdim, dropout, attn=(res in attn_res)))
                 now = ch * mult
             if i != 0:
                 self.up.append(Upsample(now))
@@ -411,13 +424,16 @@ def sample_grid(ema, abar, s, amp, device):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 1 of CLSP: train a small UNet DDPM.")
     add = settings_adder(p, DEFAULTS, PRESETS)   # each help ends with the default, read from DEFAULTS
-    add("--dataset", "cifar10 | cifar100 | folder (an image folder DIR/train/<class>/*, DIR/test/<class>/*)")
+    add("--dataset", "cifar10 | cifar100 | stl10 (64 px, its unlabeled split) | folder (an image folder "
+                     "DIR/train/<class>/*, DIR/test/<class>/*)")
     add("--data-dir", "where the data set is, or is downloaded to")
     add("--image-size", "images are resized to this", type=int)
     add("--seed", "random seed", type=int)
     add("--ch", "UNet base width; 64 -> 9 M parameters, 128 -> 35.7 M", type=int)
     add("--ch-mult", "width multiplier per resolution level", type=lambda v: tuple(int(c) for c in v.split(",")))
     add("--num-res-blocks", "residual blocks per level", type=int)
+    add("--attn-res", "the resolutions (in pixels) whose blocks have self-attention",
+        type=lambda v: tuple(int(c) for c in v.split(",")))
     add("--dropout", "dropout in the residual blocks", type=float)
     add("--steps", "optimiser steps in all", type=int)
     add("--batch-size", "images per step", type=int)
@@ -462,6 +478,8 @@ def main(argv=None):
     if args.resume:           # the checkpoint's own settings rule, so the run ends where it would have
         ckpt, s = load_for_resume(args.out, "ema", explicit, FREE_ON_RESUME,
                                   command("ddpm.py", args, "--out", args.out), DEFAULTS)
+    else:
+        dataset_settings(s, explicit, args.preset, DATASETS, PRESETS)   # STL-10: 64 px, the authors' layout
     check_settings(s)
     x_train, classes, info = training_images(s, ckpt, args)
     samples_png = args.samples or beside(args.out, "_samples.png")
@@ -509,11 +527,13 @@ def main(argv=None):
 
 
 def training_images(s, ckpt, args):
-    """The training split as uint8 [N, 3, S, S], with what the artifact records of it; refused when it is
-    not what a resumed checkpoint was trained on. The test split is checked now too: stage 4 needs it,
-    and a missing one should not be found after hours of stages 1 to 3."""
-    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
-    load_dataset(s["dataset"], s["data_dir"], "test", s["image_size"])
+    """The images the DDPM learns from (common.load_dataset's "pretrain" split: the training split, on
+    STL-10 the 100,000 unlabeled images) as uint8 [N, 3, S, S], with what the artifact records of them;
+    refused when they are not what a resumed checkpoint was trained on. Stage 4's labelled splits are
+    checked now too: a missing one should not be found after hours of stages 1 to 3."""
+    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "pretrain", s["image_size"])
+    for split in ("train", "test") if has_own_pretrain_split(s["dataset"]) else ("test",):
+        load_dataset(s["dataset"], s["data_dir"], split, s["image_size"])
     info = data_info(s["dataset"], x_train, y_train, classes)
     if ckpt is not None:
         require_same_data(info, ckpt["data"], f"{args.out} was trained on",

@@ -9,7 +9,8 @@ the UNet's bottleneck features h towards those of a real training image x_a, the
 
 at every step of a DDIM sampler (Song et al. 2021, eq. 12). The deep features h carry what the image
 shows, the skip connections carry how it looks, so the result keeps the anchor's content with a new
-background, pose and colour: a *hard* positive. The authors use w = 0.1 (90% anchor), S = 100 DDIM
+background, pose and colour: a *hard* positive. (On STL-10 at 64 px the authors interpolate the three
+deepest skip connections too, --interp-layers 4: interpolated_eps says which and why.) The authors use w = 0.1 (90% anchor), S = 100 DDIM
 steps, eta = 0.1 and K = 8 candidates for each of the 50,000 training images (400,000 images, 1.2 GB).
 The whole loop, line by line (`interpolated_ddim_sample` below is exactly this):
 
@@ -28,6 +29,7 @@ The whole loop, line by line (`interpolated_ddim_sample` below is exactly this):
     python generate.py --preset quick               # K = 2, S = 25: for the ~10 minute pipeline
     python generate.py --preset tiny --dataset folder --data-dir DIR    # seconds on a CPU, for tests
     python generate.py --w 1                        # plain unconditional DDIM samples, for comparison
+    python generate.py --ddpm runs/ddpm_stl10.pt --out runs/synthetic_stl10.pt   # STL-10: S = 200, 4 layers
     torchrun --standalone --nproc-per-node 4 generate.py   # 4 GPUs: the same candidates, bit for bit
 
 Reads:  runs/ddpm.pt (the EMA weights; its data set and image size are the defaults here) and the
@@ -51,7 +53,8 @@ import time
 
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
 from common import (MAIN, RANK, WORLD_SIZE, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, barrier,
-                    beside, claim_output, command, compile_enabled, count_flops, data_info, fail, from_main,
+                    beside, claim_output, command, compile_enabled, count_flops, data_info, dataset_settings, fail,
+                    from_main,
                     load_artifact, load_dataset, part_path, peak_flops, refuse_to_overwrite, require_free_space,
                     require_same_data, resolve_settings, resume_parts, run_main, save_grid, settings_adder,
                     start_processes, with_eager_fallback)
@@ -71,6 +74,7 @@ DEFAULTS = dict(  # the `standard` preset: the authors' settings
     S=100,              # authors: 100 DDIM steps (999, 989, ..., 9)
     eta=0.1,            # authors: 0.1, a little fresh noise at each DDIM step
     K=8,                # authors: 8 candidates per image (their ablation: 16 or 32 add nothing)
+    interp_layers=1,    # authors on CIFAR: 1, the bottleneck h only (interpolated_eps); on STL-10: 4
     num_anchors=None,   # None: every training image
     # 2048 images (256 anchors x 8) per batch: no gradients are kept, so memory is a few GB even for the
     # paper's UNet, and a large batch keeps a big GPU busy with this small model (a reasoned guess).
@@ -88,6 +92,10 @@ PRESETS = {
     "standard": dict(),
     "paper": dict(),    # the standard preset already is the authors' recipe (their bigger UNet is ddpm.py's)
 }
+# A data set's own recipe (common.dataset_settings; a preset or a flag wins over "standard"). STL-10 at 64 px,
+# the authors' README command for it: 200 DDIM steps (CIFAR: 100), eta 0.1, w 0.1, K 8, and
+# --num_interpolation_layers 4 (CIFAR: 1). 512 images a batch: the pixels of CIFAR's 2048 (a reasoned guess).
+DATASETS = {"stl10": {"standard": dict(S=200, interp_layers=4, batch_size=512)}}
 SWEEP_W = [0.0, 0.1, 0.25, 0.5, 1.0]   # the columns of synthetic_w_sweep.png; w = 1 is plain sampling
 
 
@@ -95,22 +103,35 @@ SWEEP_W = [0.0, 0.1, 0.25, 0.5, 1.0]   # the columns of synthetic_w_sweep.png; w
 # The interpolated DDIM sampler: ddpm.ddim_sample with one change, how eps is computed.
 # ------------------------------------------------------------------------------------------------
 
-def interpolated_eps(unet, x_t, xa_t, t, w):
+def interpolated_eps(unet, x_t, xa_t, t, w, layers=1):
     """eps for the sample x_t, with its bottleneck pulled towards the (noised) anchor's by 1 - w.
-    w: a number, or a 0-d tensor (then a compiled sampler serves every w without recompiling)."""
+    w: a number, or a 0-d tensor (then a compiled sampler serves every w without recompiling).
+
+    layers (--interp-layers): how many features are interpolated, as the authors' `num_interpolation_layers`
+    (their UNet.forward_with_anchor): 1 is the bottleneck h alone; L > 1 also the L - 1 deepest skip
+    connections, skips[-1], ..., skips[-(L - 1)], each mixed with the anchor's the same way. The skips are
+    the down path's outputs, shallowest first; the up path concatenates them back in deepest first, so these
+    are the ones its lowest level reads. With 2 res blocks a level, L = 4 (the authors on STL-10) takes the
+    bottleneck and all three skips of the lowest level (8x8 at 64 px: the last down-sampling and that
+    level's two blocks): the anchor decides the content down to that scale, and the sample keeps every
+    finer level's skips, its own appearance. At 64 px, 16 times the pixels of the 4x4 bottleneck at 32 px,
+    the bottleneck alone leaves the content freer; the authors add the deepest skips to hold it."""
     h, skips, temb = unet.encode(x_t, t)       # the sample's bottleneck h, its skips, the time embedding
-    h_anchor, _, _ = unet.encode(xa_t, t)      # the anchor's bottleneck (its skips are not used)
-    h = (w * h + (1 - w) * h_anchor).to(h.dtype)   # the CLSP interpolation, on the bottleneck only
-    return unet.decode(h, skips, temb).float() # the skips come from the sample: its appearance
+    h_anchor, skips_anchor, _ = unet.encode(xa_t, t)   # the anchor's (its skips only if layers > 1)
+    h = (w * h + (1 - w) * h_anchor).to(h.dtype)   # the CLSP interpolation, on the bottleneck
+    if layers > 1:                             # ... and on the layers - 1 deepest skips
+        n = len(skips) - (layers - 1)
+        skips = skips[:n] + [(w * a + (1 - w) * b).to(a.dtype) for a, b in zip(skips[n:], skips_anchor[n:])]
+    return unet.decode(h, skips, temb).float() # the other skips come from the sample: its appearance
 
 
 @torch.no_grad()
 def interpolated_ddim_sample(unet, x_T, x_a, abar, w, S, eta, generator, anchor_generator,
-                             eps_fn=interpolated_eps):
+                             eps_fn=interpolated_eps, layers=1):
     """DDIM from x_T towards the anchors x_a (in [-1, 1], one per row of x_T). The step noise is drawn
     from `generator` exactly as ddpm.ddim_sample draws it, so with w = 1 both return the same tensor; the
     anchor's noise comes from its own `anchor_generator`, so it does not shift the sample's stream.
-    eps_fn: interpolated_eps, or the same function compiled."""
+    eps_fn: interpolated_eps, or the same function compiled; layers: its interpolated features (1: h)."""
     x = x_T
     steps = ddim_timesteps(S, abar.numel())
     for t, t_next in zip(steps, steps[1:] + [-1]):             # t_next = -1: the last step returns x0
@@ -118,7 +139,7 @@ def interpolated_ddim_sample(unet, x_T, x_a, abar, w, S, eta, generator, anchor_
         # The anchor is noised to the same t with fresh noise at every step, so its features are those
         # the UNet expects at this noise level (as in the authors' sampler).
         xa_t = q_sample(x_a, tt, torch.randn(x_a.shape, device=x.device, generator=anchor_generator), abar)
-        eps = eps_fn(unet, x, xa_t, tt, w)
+        eps = eps_fn(unet, x, xa_t, tt, w, layers)
         noise = torch.randn(x.shape, device=x.device, generator=generator) if t_next >= 0 else None
         x = ddim_step(x, eps, t, t_next, abar, eta, noise)     # Song et al. eq. 12, shared with ddpm.py
     return x
@@ -130,9 +151,10 @@ class Sampler:
     shape and a compiled sampler compiles once (a last, smaller batch would compile again, a minute).
     Made once in main; then only `candidates(anchors, K, w, b)` is called, with what changes per batch."""
 
-    def __init__(self, unet, abar, S, eta, seed, rows, amp=None, eps_fn=interpolated_eps):
+    def __init__(self, unet, abar, S, eta, seed, rows, amp=None, eps_fn=interpolated_eps, layers=1):
         self.unet, self.abar, self.S, self.eta, self.seed, self.rows = unet, abar, S, eta, seed, rows
         self.amp, self.eps_fn = amp, eps_fn        # the autocast dtype (None: fp32); eps, maybe compiled
+        self.layers = layers                       # the features interpolated (--interp-layers)
 
     def candidates(self, anchors, K, w, b):
         """uint8 anchors [A, 3, H, W] -> uint8 candidates [A, K, 3, H, W], from batch b's random streams:
@@ -146,7 +168,7 @@ class Sampler:
         w = torch.tensor(float(w), device=device)                  # a tensor: one compile for every w
         with torch.autocast(device.type, dtype=self.amp, enabled=self.amp is not None):
             x = interpolated_ddim_sample(self.unet, x_T, x_a, self.abar, w, self.S, self.eta, g, g_anchor,
-                                         self.eps_fn)[:A * K]
+                                         self.eps_fn, self.layers)[:A * K]
         if not torch.isfinite(x).all():
             fail("the sampler produced NaN or inf values: the DDPM checkpoint looks broken; retrain it with "
                  "`python ddpm.py`")
@@ -165,8 +187,9 @@ def mean_abs_diff(a, b):
 def main(argv=None):
     args = parse_args(argv)
     s, explicit = resolve_settings(args, DEFAULTS, PRESETS)
-    check_settings(s)
     ckpt = load_ddpm(args, s, explicit)                       # fills in the DDPM's data set and size
+    dataset_settings(s, explicit, args.preset, DATASETS, PRESETS)   # STL-10: 200 steps, 4 layers
+    check_settings(s, ckpt["settings"])
     x_train, info = load_anchors(s, ckpt, args)
     preview = args.preview or beside(args.out, "_preview.png")
     sweep_png = args.sweep or beside(args.out, "_w_sweep.png")
@@ -180,7 +203,8 @@ def main(argv=None):
         require_free_space(args.out, 2 * x_train[:1].numel() * x_train.shape[0] * s["K"])
         sampler, compiled = make_sampler(ckpt, s, args, device)
         K, N = s["K"], s["num_anchors"]
-        print(f"{N} anchors x K = {K} candidates, S = {s['S']} DDIM steps, w = {s['w']}, eta = {s['eta']}; "
+        print(f"{N} anchors x K = {K} candidates, S = {s['S']} DDIM steps, w = {s['w']}, eta = {s['eta']}, "
+              f"{s['interp_layers']} interpolated layer{'s' * (s['interp_layers'] > 1)}; "
               f"{sampler.rows // K} anchors ({sampler.rows} images) per batch; DDPM {args.ddpm} (step "
               f"{ckpt['step']}); device {device}, autocast {sampler.amp or 'off (fp32)'}, compile "
               f"{'on (the first batch compiles)' if compiled else 'off'}", flush=True)
@@ -228,12 +252,20 @@ def make_all(sampler, x_train, s, parts, manifest, compiled, stop):
     N, K = x_train.shape[0], s["K"]
     A = sampler.rows // K                       # anchors per batch, each repeated K times
     n_batches = math.ceil(N / A)
-    chunks = resume_parts(parts, manifest, n_batches) if MAIN else {}   # those an interrupted run finished
-    todo = from_main([b for b in range(n_batches) if b not in chunks])  # torchrun: as rank 0 found them
+    # The whole set, filled in place batch by batch (rank 0): made, resumed or read from another process's
+    # part, each batch is copied into it and dropped, so the set (9.8 GB for STL-10) is never held twice.
+    images = torch.empty(N, K, *x_train.shape[1:], dtype=torch.uint8) if MAIN else None
+
+    def keep(b, batch):
+        images[b * A:b * A + batch.shape[0]] = batch
+
+    finished = resume_parts(parts, manifest, n_batches, keep) if MAIN else set()   # an interrupted run's
+    todo = from_main([b for b in range(n_batches) if b not in finished])  # torchrun: as rank 0 found them
+    made_here = set()
     done = N - sum(min(A, N - b * A) for b in todo)
     device = sampler.abar.device
     peak = peak_flops(device)                   # the MFU only where the GPU's peak is known
-    flops = peak and K * s["S"] * flops_per_sampler_step(sampler.unet, s["image_size"], device)
+    flops = peak and K * s["S"] * flops_per_sampler_step(sampler.unet, s["image_size"], device, s["interp_layers"])
     progress = Progress(N, done, "anchor", K, flops, peak, warming=compiled)
     t_start = t0 = time.perf_counter()
     made = 0
@@ -242,12 +274,14 @@ def make_all(sampler, x_train, s, parts, manifest, compiled, stop):
         for r in range(rounds):
             if r * WORLD_SIZE + RANK < len(todo):
                 b = todo[r * WORLD_SIZE + RANK]
-                images = sampler.candidates(x_train[b * A:(b + 1) * A], K, s["w"], b)
-                atomic_save({"images": images}, part_path(parts, b))   # the .cpu() in it waited for the GPU
-                chunks[b] = images if MAIN else None                   # rank 0 reads the others' at the end
+                batch = sampler.candidates(x_train[b * A:(b + 1) * A], K, s["w"], b)
+                atomic_save({"images": batch}, part_path(parts, b))    # the .cpu() in it waited for the GPU
+                if MAIN:                                               # rank 0 reads the others' at the end
+                    keep(b, batch)
+                    made_here.add(b)
                 # torchrun: every process makes one batch a round, so rank 0 counts its own N times
-                done = min(N, done + images.shape[0] * WORLD_SIZE)
-                made += images.shape[0] * K * WORLD_SIZE
+                done = min(N, done + batch.shape[0] * WORLD_SIZE)
+                made += batch.shape[0] * K * WORLD_SIZE
             if progress.warmup == "compiling":
                 progress.warmed_up(done, "compile")
                 t0, made = time.perf_counter(), 0   # images/s: after the compile
@@ -257,9 +291,9 @@ def make_all(sampler, x_train, s, parts, manifest, compiled, stop):
             if stop.agreed() and r < rounds - 1:    # torchrun: all stop after the same round
                 raise KeyboardInterrupt
         barrier()                                   # every part is on disk
-        if MAIN:
-            chunks.update({b: torch.load(part_path(parts, b), weights_only=True)["images"]
-                           for b in todo if chunks.get(b) is None})
+        for b in todo if MAIN else ():
+            if b not in made_here:
+                keep(b, torch.load(part_path(parts, b), weights_only=True)["images"])
     except KeyboardInterrupt:                       # that stop, or a second Ctrl-C within a batch
         fail(f"interrupted with {done}/{N} anchors done; the finished batches are kept in {parts}: "
              f"rerun the same command to resume")
@@ -269,8 +303,7 @@ def make_all(sampler, x_train, s, parts, manifest, compiled, stop):
     rate = made / (time.perf_counter() - t0) if made else None
     if not MAIN:
         return None, None
-    return torch.cat([chunks[b] for b in range(n_batches)]), dict(seconds=time.perf_counter() - t_start,
-                                                                  images_per_second=rate)
+    return images, dict(seconds=time.perf_counter() - t_start, images_per_second=rate)
 
 
 def distances(images, x_train, real, sweep, K):
@@ -304,7 +337,7 @@ def distances(images, x_train, real, sweep, K):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 2 of CLSP: synthetic positives by interpolated DDIM sampling.")
     add = settings_adder(p, DEFAULTS, PRESETS)
-    add("--dataset", "cifar10 | cifar100 | folder (default: the DDPM's)")
+    add("--dataset", "cifar10 | cifar100 | stl10 | folder (default: the DDPM's)")
     add("--data-dir", "where the training images are (default: where the DDPM found them)")
     add("--image-size", "must be the DDPM's (default: the DDPM's)", type=int)
     add("--seed", "random seed of the samples", type=int)
@@ -312,6 +345,8 @@ def parse_args(argv=None):
     add("--steps", "DDIM steps S", dest="S", type=int)
     add("--eta", "DDIM noise, 0 = deterministic, in [0, 1]", type=float)
     add("--K", "candidates per training image", type=int)
+    add("--interp-layers", "features interpolated: 1 = the bottleneck only; L = also the L - 1 deepest skip "
+                           "connections (the authors on STL-10: 4)", type=int)
     add("--num-anchors", "only the first N training images (default: all)", type=int)
     add("--batch-size", "images per batch, best a multiple of K", type=int)
     add_run_flags(p, "the sampler's model call")
@@ -324,7 +359,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_settings(s):
+def check_settings(s, ddpm_settings):
     if not 0 <= s["w"] <= 1:
         fail(f"--w must be in [0, 1] (1: plain sampling, 0: only the anchor's bottleneck), got {s['w']}")
     if not 0 <= s["eta"] <= 1:   # above 1 the DDIM update would take the square root of a negative number
@@ -334,6 +369,11 @@ def check_settings(s):
             fail(f"{flag} must be a positive whole number, got {s[k]}")
     if s["num_anchors"] is not None and s["num_anchors"] < 1:
         fail(f"--num-anchors must be a positive whole number, got {s['num_anchors']}")
+    levels, blocks = len(ddpm_settings["ch_mult"]), ddpm_settings["num_res_blocks"]
+    most = 1 + 1 + levels * blocks + levels - 1   # the bottleneck + every skip (input conv, blocks, down-samplings)
+    if not 1 <= s["interp_layers"] <= most:
+        fail(f"--interp-layers must be between 1 (the bottleneck only) and {most} (the bottleneck and every skip "
+             f"connection of this DDPM), got {s['interp_layers']}")
 
 
 def load_ddpm(args, s, explicit):
@@ -363,9 +403,10 @@ def load_ddpm(args, s, explicit):
 
 
 def load_anchors(s, ckpt, args):
-    """The anchors: the training split exactly as ddpm.py saw it (no augmentation), so anchor i is
+    """The anchors: the images ddpm.py learnt from (STL-10: the unlabeled split), exactly as it saw them
+    (no augmentation), so anchor i is
     image i; refused unless it is the very data the DDPM was trained on (same fingerprint)."""
-    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
+    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "pretrain", s["image_size"])
     info = data_info(s["dataset"], x_train, y_train, classes)
     require_same_data(info, ckpt["data"], f"{args.ddpm} was trained on",
                       f"the folder under {s['data_dir']!r} may have changed: point --data-dir at the data ddpm.py "
@@ -403,7 +444,7 @@ def make_sampler(ckpt, s, args, device):
         eps_fn = with_eager_fallback(torch.compile(interpolated_eps), lambda: interpolated_eps,
                                      "sampler's model call", device)
     rows = max(1, s["batch_size"] // s["K"]) * s["K"]     # whole anchors per batch, each repeated K times
-    return Sampler(unet, abar, s["S"], s["eta"], s["seed"], rows, amp, eps_fn), compiled
+    return Sampler(unet, abar, s["S"], s["eta"], s["seed"], rows, amp, eps_fn, s["interp_layers"]), compiled
 
 
 def weights_fingerprint(state):
@@ -412,12 +453,12 @@ def weights_fingerprint(state):
     return float(sum(v.double().abs().sum() for v in state.values() if v.is_floating_point()))
 
 
-def flops_per_sampler_step(unet, image_size, device):
+def flops_per_sampler_step(unet, image_size, device, layers=1):
     """FLOPs of one sampler step on one image (2 encodes + 1 decode), for the MFU on a known GPU."""
     x1 = torch.zeros(1, 3, image_size, image_size, device=device)
     t1 = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad():
-        return count_flops(lambda: interpolated_eps(unet, x1, x1, t1, 0.5))
+        return count_flops(lambda: interpolated_eps(unet, x1, x1, t1, 0.5, layers))
 
 
 if __name__ == "__main__":

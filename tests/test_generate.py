@@ -308,9 +308,9 @@ def test_sampler_pads_every_batch_to_one_shape(monkeypatch):
     never reaches the candidates."""
     shapes = []
 
-    def eps_fn(unet, x, xa_t, t, w):
+    def eps_fn(unet, x, xa_t, t, w, layers):
         shapes.append(tuple(x.shape))
-        return generate.interpolated_eps(unet, x, xa_t, t, w)
+        return generate.interpolated_eps(unet, x, xa_t, t, w, layers)
     unet, abar = small_unet(), ddpm.make_schedule()
     anchors = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     sampler = generate.Sampler(unet, abar, S=3, eta=0.1, seed=0, rows=10, eps_fn=eps_fn)
