@@ -57,8 +57,8 @@ import sys
 
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
 from common import (MAIN, WORLD_SIZE, EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype,
-                    average_gradients, barrier, claim_output, command, compile_enabled, count_flops, data_info, fail,
-                    gather, load_artifact, load_dataset, load_for_resume, own_rows, peak_flops, refuse_to_overwrite,
+                    average_gradients, barrier, claim_output, command, compile_enabled, count_flops, data_info,
+                    dataset_settings, fail, gather, has_own_pretrain_split, load_artifact, load_dataset, load_for_resume, own_rows, peak_flops, refuse_to_overwrite,
                     require_divisible, require_free_space, require_same_data, resolve_settings,
                     restore_training_state, resume_hint, run_main, settings_adder, start_processes, sync_batchnorm,
                     tensor_bytes, this_process, training_state, with_eager_fallback)
@@ -75,6 +75,7 @@ import torchvision
 
 DEFAULTS = dict(  # the `standard` preset: the authors' recipe, 400 instead of 1000 epochs
     dataset="cifar10", data_dir="data", image_size=32, seed=0,
+    stem="cifar",                        # the ResNet's first layers (make_backbone); STL-10: "mid"
     base="simclr",                       # the contrastive method the third positive is added to: simclr | moco | nnclr
     positive="synthetic",                # the third positive: a synthetic candidate (CLSP), or "view": another
                                          # augmented view of the real image (the "-aug" control)
@@ -86,6 +87,7 @@ DEFAULTS = dict(  # the `standard` preset: the authors' recipe, 400 instead of 1
     lars_eta=0.02,                       # NNCLR only: LARS's trust coefficient (solo-learn's CIFAR recipe)
     knn_every=50, knn_k=200, knn_T=0.1,  # the quick kNN monitor uses evaluate.py's headline k and T
     synthetic="runs/synthetic.pt",
+    candidates_on="auto",                # where the candidates live: gpu, host (pinned memory) or auto
 )
 # What each base changes (a flag or a preset still wins). MoCo-v2: the authors' config (train_moco_clsp.py,
 # after solo-learn's MoCo-v2+); their lr 0.3 is at batch 512, unscaled; ours is given at batch 1024 and
@@ -105,7 +107,18 @@ PRESETS = {
     "standard": dict(),
     "paper": dict(epochs=1000, knn_every=100),
 }
-FREE_ON_RESUME = {"data_dir", "knn_every", "synthetic"}   # the flags --resume may change
+# A data set's own recipe (common.dataset_settings): "standard" sits beside DEFAULTS (a preset or a flag wins
+# over it), another preset's entry is the data set's own version of that preset. STL-10, the authors'
+# configs/simclr_clsp_stl10.yaml and moco_clsp_stl10.yaml: 64 px, ResNet-18 with the "mid" stem
+# (make_backbone), SimCLR at batch 1024, lr 0.5, lam 1.0 (DEFAULTS already); `standard` trains 200 epochs,
+# as many images as CIFAR's 400 (100,000 images, not 50,000), `paper` the authors' 1000.
+DATASETS = {"stl10": {"standard": dict(image_size=64, stem="mid", epochs=200), "paper": dict(epochs=1000)}}
+# A base's own values on a data set, over BASES. MoCo on STL-10: batch 1024 and lr 0.3 unscaled (so 0.3 at
+# our batch 1024) and lam 0.4, as the authors' published moco_clsp_stl10.yaml, whose batch is the one in the
+# name of their reported run (moco_clsp_stl10_resnet18_bs-1024); an earlier version of that file had batch
+# 512 and lam 0.2. NNCLR has no STL-10 recipe in the authors' code or solo-learn's: it keeps its CIFAR one.
+DATASET_BASES = {"stl10": {"moco": dict(lam=0.4, lr=0.3, batch_size=1024)}}
+FREE_ON_RESUME = {"data_dir", "knn_every", "synthetic", "candidates_on"}   # the flags --resume may change
 
 
 def method_name(s):
@@ -118,20 +131,27 @@ def method_name(s):
 
 
 # ------------------------------------------------------------------------------------------------
-# The model: ResNet-18 with the CIFAR stem (512-d features h) and the projection head (z).
+# The model: ResNet-18 with a small-image stem (512-d features h) and the projection head (z).
 # ------------------------------------------------------------------------------------------------
 
-def make_backbone():
-    """torchvision's ResNet-18 with the CIFAR stem -> 512-d features (11.2 M parameters).
+STEMS = ("cifar", "mid")
+
+
+def make_backbone(stem="cifar"):
+    """torchvision's ResNet-18 with a stem for small images -> 512-d features (11.2 M parameters).
 
     ImageNet's 7x7 stride-2 stem plus max-pool would shrink a 32x32 image to 8x8 before the first
-    block; the CIFAR variant (He et al. 2016 sec. 4.2, SimCLR appendix B.9) keeps the full resolution.
-    evaluate.py imports this, so the weights in runs/clsp.pt load into exactly this module.
+    block; the CIFAR variant (He et al. 2016 sec. 4.2, SimCLR appendix B.9) is a 3x3 stride-1 conv and no
+    max-pool, so the blocks see the full resolution (32, 16, 8, 4 px). "mid", the authors' stem for
+    STL-10 at 64 px (their utils.get_resnet(size='mid')), keeps the 3x3 stride-1 conv but also the
+    max-pool: the blocks see 32, 16, 8 and 4 px, as on CIFAR, where the CIFAR stem at 64 px would cost
+    4x (64, 32, 16, 8 px). evaluate.py imports this, so the weights in runs/clsp.pt load into exactly this module.
     """
     net = torchvision.models.resnet18()
     net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision inits convs
-    net.maxpool = nn.Identity()
+    if stem == "cifar":
+        net.maxpool = nn.Identity()           # "mid": torchvision's 3x3 stride-2 max-pool stays
     net.fc = nn.Identity()
     return net
 
@@ -187,9 +207,61 @@ def moco_loss(q1, q2, k1, k2, queue, tau):
 
 
 def pick_candidates(synthetic, idx, generator=None):
-    """s_i = synthetic[i, k], k ~ Uniform{0..K-1} drawn afresh at every draw of image i (not one per epoch)."""
+    """s_i = synthetic[i, k], k ~ Uniform{0..K-1} drawn afresh at every draw of image i (not one per epoch).
+    synthetic: the candidates [N, K, 3, H, W] on idx's device, or HostCandidates (below)."""
     k = torch.randint(0, synthetic.shape[1], idx.shape, device=idx.device, generator=generator)
+    if isinstance(synthetic, HostCandidates):
+        return synthetic.take(idx, k)
     return synthetic[idx, k]
+
+
+class HostCandidates:
+    """The candidates in (pinned) host memory, for a GPU they do not fit on beside the model: STL-10's
+    100,000 x 8 at 64 px are 9.8 GB. take(idx, k) gathers the batch's picks on the host into one pinned
+    buffer and copies it to the GPU asynchronously (non_blocking: the copy is queued behind the GPU's work,
+    and the host goes on). pick_candidates draws k on the GPU exactly as for candidates held there, so a
+    step is the same step; the picks are then read on the host (idx.cpu()), which waits until the GPU
+    has finished the steps queued before it: one wait per step, and since the last copy is queued
+    before it, one buffer serves every step."""
+
+    def __init__(self, images, device):
+        self.shape, self.device = images.shape, device
+        pin = device.type == "cuda"               # pinned (page-locked) memory: the GPU copies from it directly
+        self.images = torch.empty(images.shape, dtype=torch.uint8, pin_memory=pin)
+        self.images.copy_(images)                 # from the artifact's memory map: the 9.8 GB once, not twice
+        self.flat = self.images.view(-1, *images.shape[2:])   # [N * K, 3, H, W]: row i * K + k
+        self.buffer = None
+
+    def take(self, idx, k):
+        rows = (idx * self.shape[1] + k).cpu()
+        if self.buffer is None or self.buffer.shape[0] != rows.shape[0]:
+            self.buffer = torch.empty((rows.shape[0], *self.shape[2:]), dtype=torch.uint8,
+                                      pin_memory=self.device.type == "cuda")
+        torch.index_select(self.flat, 0, rows, out=self.buffer)
+        return self.buffer.to(self.device, non_blocking=True)
+
+
+def place_candidates(images, device, where):
+    """The candidates on the GPU (where: "gpu") or in pinned host memory ("host", HostCandidates); "auto"
+    chooses the GPU when they take at most half of its free memory (the other half for the model, the
+    batch and its activations: not measured at 64 px, a margin), the host otherwise; on a CPU the two are
+    one memory. Returns them and a sentence that says which, and why, for the run's first lines."""
+    size = images.numel() / 1e9
+    if device.type != "cuda":
+        if where == "host":                       # the host path on a CPU: for the tests, no pinning
+            return HostCandidates(images, device), f"candidates {size:.1f} GB in host memory (--candidates-on host)"
+        return images.to(device), f"candidates {size:.1f} GB in memory (device {device})"
+    free = torch.cuda.mem_get_info(device)[0] / 1e9
+    if where == "auto":
+        where = "gpu" if size <= free / 2 else "host"
+        why = (f"at most half of the GPU's free {free:.1f} GB" if where == "gpu" else
+               f"more than half of the GPU's free {free:.1f} GB")
+    else:
+        why = f"--candidates-on {where}"
+    if where == "gpu":
+        return images.to(device), f"candidates {size:.1f} GB on the GPU ({why})"
+    return HostCandidates(images, device), (f"candidates {size:.1f} GB in pinned host memory, each batch's picks "
+                                            f"copied to the GPU as it trains ({why})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -681,10 +753,15 @@ def knn_predict(f_query, f_train, y_train, num_classes, k, temp, exclude=None, c
 
 def make_knn_monitor(s, backbone, x_train, y_train, mean, std, C, amp):
     """monitor() -> the kNN top-1 on the test split with the backbone in eval mode (a quick look during
-    training; evaluate.py does the real evaluation), or None when --knn-every is 0."""
+    training; evaluate.py does the real evaluation), or None when --knn-every is 0. The votes come from
+    the labelled training split: the training images themselves, except on STL-10, whose unlabeled
+    images have no labels to vote with; there the 5,000 labelled ones vote, as in evaluate.py."""
     if not s["knn_every"]:
         return None
     device = x_train.device
+    if has_own_pretrain_split(s["dataset"]):
+        x_train, y_train, _ = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
+        x_train = x_train.to(device)
     x_test, y_test, _ = load_dataset(s["dataset"], s["data_dir"], "test", s["image_size"])
     x_test, y_test, y_train = x_test.to(device), y_test.to(device), y_train.to(device)
 
@@ -706,10 +783,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 3 of CLSP: SimCLR, MoCo-v2 or NNCLR + synthetic positives on a "
                                             "ResNet-18.")
     add = settings_adder(p, DEFAULTS, PRESETS)
-    add("--dataset", "cifar10 | cifar100 | folder (default: the synthetic set's, or without one the one in runs/)")
+    add("--dataset", "cifar10 | cifar100 | stl10 | folder (default: the synthetic set's, or without one the one "
+                     "in runs/)")
     add("--data-dir", "where the data set is (default: the synthetic set's, or without one the one in runs/)")
     add("--image-size", "image size (default: the synthetic set's, or without one the one in runs/)", type=int)
     add("--seed", "random seed", type=int)
+    add("--stem", "cifar | mid: the ResNet's first layers; mid keeps the max-pool (STL-10's standard)")
     add("--base", "simclr | moco | nnclr: the contrastive method the third positive is added to")
     add("--positive", "synthetic | view: the third positive, a synthetic candidate (CLSP) or another augmented "
                       "view of the real image (the '-aug' control, no synthetic data)")
@@ -729,6 +808,8 @@ def parse_args(argv=None):
     add("--key-momentum-end", "MoCo: m at the end, reached on a half cosine", type=float)
     add("--lars-eta", "NNCLR: LARS's trust coefficient eta", type=float)
     add("--synthetic", "stage 2's candidate set")
+    add("--candidates-on", "auto | gpu | host: where the candidates live while training; host = pinned memory, "
+                           "each batch's picks copied to the GPU (auto: the GPU when they fit in half its free memory)")
     add("--knn-every", "print a quick kNN top-1 on the test split every N epochs; 0: never", type=int)
     add_run_flags(p, "the network and the augmentation")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out to its final epoch")
@@ -744,6 +825,14 @@ def base_settings(s, explicit, preset):
     if s["base"] not in BASES:
         fail(f"unknown --base {s['base']!r}; choose simclr, moco or nnclr")
     s.update({k: v for k, v in BASES[s["base"]].items() if k not in explicit and k not in PRESETS[preset]})
+
+
+def data_set_settings(s, explicit, preset):
+    """Once the data set is known: its own recipe (DATASETS) and its base's (DATASET_BASES: MoCo on STL-10),
+    each under the preset and the flags given."""
+    own = DATASET_BASES.get(s["dataset"], {}).get(s["base"], {})
+    s.update({k: v for k, v in own.items() if k not in explicit and k not in PRESETS[preset]})
+    dataset_settings(s, explicit, preset, DATASETS, PRESETS)
 
 
 def check_settings(s, explicit):
@@ -763,6 +852,10 @@ def check_settings(s, explicit):
     for k in ["lam", "weight_decay"]:
         if not (s[k] >= 0 and math.isfinite(s[k])):
             fail(f"--{k.replace('_', '-')} must be zero or a positive number, got {s[k]}")
+    if s["stem"] not in STEMS:
+        fail(f"unknown --stem {s['stem']!r}; choose cifar (32 px) or mid (64 px: the max-pool kept)")
+    if s["candidates_on"] not in ("auto", "gpu", "host"):
+        fail(f"unknown --candidates-on {s['candidates_on']!r}; choose auto, gpu or host")
     if s["positive"] not in ("synthetic", "view"):
         fail(f"unknown --positive {s['positive']!r}; choose synthetic (CLSP) or view (the '-aug' control)")
     if s["positive"] == "view" and "synthetic" in explicit:
@@ -796,15 +889,18 @@ def main(argv=None):
             return
     else:
         base_settings(s, explicit, args.preset)
-        if "warmup_epochs" not in explicit:
-            # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
-            s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
-    check_settings(s, explicit)
-    method = method_name(s)
+    check_settings(s, explicit)                 # a mistake is said before a candidate set is looked for
     uses_candidates = s["lam"] > 0 and s["positive"] == "synthetic"   # CLSP; otherwise no synthetic data
     syn = load_candidates(s, explicit, ckpt, args) if uses_candidates else None
     if not uses_candidates and ckpt is None:
         take_data_from_artifacts(s, explicit)
+    if ckpt is None:
+        data_set_settings(s, explicit, args.preset)   # the data set is known now: STL-10's own recipe
+        if "warmup_epochs" not in explicit:
+            # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
+            s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
+        check_settings(s, explicit)             # again, with the data set's values
+    method = method_name(s)
     x_train, y_train, classes, info = training_images(s, syn, ckpt, args)
     # Every check has passed: the device, and under torchrun the process group (common.start_processes).
     device = start_processes(args.device, None if args.resume else args.preset)   # resumed: its own settings
@@ -814,16 +910,20 @@ def main(argv=None):
         if ckpt is None:
             refuse_to_overwrite(args.out, f"continue it with {command('clsp.py', args, '--resume', '--out', args.out)}")
         N, B, V = x_train.shape[0], s["batch_size"], 2 if s["lam"] == 0 else 3   # views: v1, v2 (+ v3)
-        # The whole data set on the device as uint8: CIFAR-10 is 150 MB, its K = 8 candidates 1.2 GB.
+        # The whole data set on the device as uint8: CIFAR-10 is 150 MB, its K = 8 candidates 1.2 GB (STL-10
+        # at 64 px: 1.2 GB and 9.8 GB; place_candidates keeps those on the host when they do not fit).
         norm = channel_stats(x_train)             # the Normalize constants, of the real training images
         mean, std = (torch.tensor(v, device=device) for v in norm)
         x_train = x_train.to(device)
-        synthetic = syn["images"].to(device) if uses_candidates else None
+        synthetic, where = place_candidates(syn["images"], device, s["candidates_on"]) if uses_candidates \
+            else (None, None)
+        if where:
+            print(where, flush=True)
         net, extra, queue, opt, scaler, amp, step = make_model(s, args, device, ckpt)   # extra: MoCo's key
         backbone, head = net                                                           # encoder, NNCLR's predictor
         knn_monitor = make_knn_monitor(s, backbone, x_train, y_train, mean, std, len(classes), amp) if MAIN else None
         print(f"{method}: {N} training images of {info['dataset']} at {info['image_size']}px; lam {s['lam']}, "
-              f"tau {s['tau']}, {V} views per image" + (f", K = {synthetic.shape[1]} candidates each" if
+              f"tau {s['tau']}, {V} views per image, stem {s['stem']}" + (f", K = {synthetic.shape[1]} candidates each" if
               uses_candidates else "") + f"; device {device}, autocast {amp or 'off (fp32)'}", flush=True)
         compiled = compile_enabled(args.compile, device)
         steps_per_epoch = N // B                  # drop_last: every step sees a full batch
@@ -891,7 +991,8 @@ def load_candidates(s, explicit, ckpt, args):
     taken from it, so `python clsp.py` just works after `python generate.py`."""
     path = s["synthetic"]
     make_candidates = command("generate.py", args, out=path, default_out="runs/synthetic.pt")
-    syn = load_artifact(path, ("images", "data", "settings", "ddpm"), "a generate.py candidate set", make_candidates)
+    syn = load_artifact(path, ("images", "data", "settings", "ddpm"), "a generate.py candidate set", make_candidates,
+                        mmap=True)             # read where they go (place_candidates), not into memory first
     if ckpt is None:
         s.update({k: v for k, v in artifact_data_settings(syn).items() if k not in explicit})
     for k in ("dataset", "image_size"):
@@ -935,8 +1036,8 @@ def take_data_from_artifacts(s, explicit):
 def training_images(s, syn, ckpt, args):
     """The training split, with what the checkpoint records of it; refused unless it is the very data
     (same fingerprint) the candidates were made from and a resumed run was trained on."""
-    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
-    info = data_info(s["dataset"], x_train, y_train, classes)
+    x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "pretrain", s["image_size"])
+    info = data_info(s["dataset"], x_train, y_train, classes)   # STL-10: the unlabeled split, its pixels
     if ckpt is not None:
         require_same_data(info, ckpt["data"], f"{args.out} was trained on",
                           "point --data-dir at the original data or start a new run without --resume")
@@ -963,7 +1064,7 @@ def make_model(s, args, device, ckpt):
     # channels_last (NHWC) is the layout tensor cores want on a GPU; on a CPU plain NCHW measured faster.
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     head = make_nnclr_projector() if s["base"] == "nnclr" else make_head()
-    net = nn.Sequential(make_backbone(), head).to(device, memory_format=layout)
+    net = nn.Sequential(make_backbone(s.get("stem", "cifar")), head).to(device, memory_format=layout)
     net = sync_batchnorm(net)   # torchrun: BatchNorm over the whole batch, as in one process (common.py)
     extra = queue = None
     if s["base"] == "moco":   # the key encoder starts as a copy of the query encoder and never learns itself

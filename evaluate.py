@@ -33,6 +33,12 @@ training took. The closing table names each run by its method.
     python evaluate.py --dataset cifar100            # transfer: a CIFAR-10 backbone probed on CIFAR-100
     python evaluate.py --checkpoint runs/clsp_lam0.pt --out runs/eval_lam0.json   # the SimCLR baseline
     python evaluate.py --preset tiny --dataset folder --data-dir DIR              # seconds on a CPU
+    python evaluate.py --checkpoint runs/clsp_stl10.pt                # STL-10: probe on train, test on test
+    python evaluate.py --checkpoint runs/clsp_stl10.pt --dataset cifar10   # transfer, CIFAR resized to 64 px
+
+On STL-10 the backbone learnt from the 100,000 unlabeled images; the kNN votes and the probe come from the
+5,000 labelled training images and are tested on the 8,000 test images, all at the backbone's 64 px. A
+transfer to CIFAR-10 or CIFAR-100 resizes their images to the backbone's size.
 
 Reads:  runs/clsp.pt (--checkpoint), the images of --dataset (default: the checkpoint's own),
         runs/synthetic.pt (--synthetic; optional, only for the diagnostics), runs/clsp_lam0.pt (--judge;
@@ -53,7 +59,8 @@ import time
 
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
 from common import (WORLD_SIZE, Progress, add_run_flags, atomic_write, autocast_dtype, claim_output, command, data_info, fail,
-                    load_artifact, load_dataset, pick_device, resolve_settings, run_main, settings_adder)
+                    has_own_pretrain_split, load_artifact, load_dataset, pick_device, resolve_settings, run_main,
+                    settings_adder)
 
 import torch
 import torch.nn as nn
@@ -211,7 +218,7 @@ def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simcl
     (diag["candidate_label_agreement"], diag["view_label_agreement"],
      diag["neighbour_label_agreement"]) = agreement(f_train, f_cand, f_v2, f_nn)
     if judge is not None:                                # in the independent judge's space
-        jb = frozen_backbone(judge[1]["backbone"], judge[0], device)
+        jb = frozen_backbone(judge[1]["backbone"], judge[0], device, judge[1]["settings"].get("stem", "cifar"))
         _, f_v2_j, f_cand_j = embed(jb)
         diag["judge"] = judge[0]
         (diag["candidate_label_agreement_judge"], diag["view_label_agreement_judge"],
@@ -243,7 +250,7 @@ def diagnose_candidates(syn, backbone, f_train, judge, data, s, amp, base="simcl
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 4 of CLSP: kNN and linear-probe accuracy of the backbone.")
     add = settings_adder(p, DEFAULTS, PRESETS)
-    add("--dataset", "cifar10 | cifar100 | folder (default: the checkpoint's; another one = transfer)")
+    add("--dataset", "cifar10 | cifar100 | stl10 | folder (default: the checkpoint's; another one = transfer)")
     add("--data-dir", "where the data set is (default: the checkpoint's)")
     add("--image-size", "images are resized to this (default: the checkpoint's)", type=int)
     add("--seed", "random seed of the probe and the diagnostics", type=int)
@@ -302,12 +309,15 @@ def main(argv=None):
     s["image_size"] = s["image_size"] or ckpt["data"]["image_size"]
     check_settings(s)
     data = load_data(s, device)
-    transfer = data["info"]["fingerprint"] != ckpt["data"].get("fingerprint")
+    # A transfer: other images than the backbone learnt from. On STL-10 the probe's labelled splits are other
+    # images than its unlabeled pre-training split by design, so there only another data set is a transfer.
+    transfer = (s["dataset"] != ckpt["data"]["dataset"] if has_own_pretrain_split(s["dataset"]) else
+                data["info"]["fingerprint"] != ckpt["data"].get("fingerprint"))
     syn, judge, note = diagnostics_inputs(args, s, ckpt, data["info"], transfer)
 
     with claim_output(args.out):                  # checked now: a wrong --out fails before any work
         amp = autocast_dtype(args.precision, device)
-        backbone = frozen_backbone(ckpt["backbone"], args.checkpoint, device)
+        backbone = frozen_backbone(ckpt["backbone"], args.checkpoint, device, ckpt["settings"].get("stem", "cifar"))
         lam = ckpt["settings"].get("lam")
         method = method_name(ckpt["settings"])     # SimCLR, SimCLR-aug, CLSP-SimCLR, MoCo, ..., CLSP-NNCLR
         print(f"backbone {args.checkpoint} ({method}, lam {lam}, epoch {ckpt.get('epoch')}, trained on "
@@ -390,6 +400,9 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
     if transfer:
         return None, None, ("transfer: the synthetic positives belong to the backbone's own data set, "
                             "so no diagnostics")
+    if has_own_pretrain_split(s["dataset"]):   # every diagnostic compares a positive's class with its anchor's
+        return None, None, ("the synthetic positives belong to STL-10's unlabeled images, which have no labels "
+                            "to judge them by, so no diagnostics")
     syn = load_artifact(args.synthetic, ("images", "data", "anchor_index"), "a generate.py candidate set",
                         command("generate.py", args, out=args.synthetic, default_out="runs/synthetic.pt"))
     if syn["data"] != info:
@@ -414,10 +427,10 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
     return syn, (path, judge), None
 
 
-def frozen_backbone(state, path, device):
-    """clsp.py's ResNet-18 with the given weights, in eval mode (BatchNorm uses its running statistics),
-    channels_last on a GPU (the layout tensor cores want), NCHW on a CPU."""
-    backbone = make_backbone()
+def frozen_backbone(state, path, device, stem="cifar"):
+    """clsp.py's ResNet-18 (with the stem it was trained with) with the given weights, in eval mode
+    (BatchNorm uses its running statistics), channels_last on a GPU (the layout tensor cores want), NCHW on a CPU."""
+    backbone = make_backbone(stem)
     try:
         backbone.load_state_dict(state)
     except RuntimeError as e:
