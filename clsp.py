@@ -246,21 +246,20 @@ def place_candidates(images, device, where):
     chooses the GPU when they take at most half of its free memory (the other half for the model, the
     batch and its activations: not measured at 64 px, a margin), the host otherwise; on a CPU the two are
     one memory. Returns them and a sentence that says which, and why, for the run's first lines."""
-    size = images.numel() / 1e9
+    size, gb = images.numel(), lambda n: f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
     if device.type != "cuda":
         if where == "host":                       # the host path on a CPU: for the tests, no pinning
-            return HostCandidates(images, device), f"candidates {size:.1f} GB in host memory (--candidates-on host)"
-        return images.to(device), f"candidates {size:.1f} GB in memory (device {device})"
-    free = torch.cuda.mem_get_info(device)[0] / 1e9
+            return HostCandidates(images, device), f"candidates {gb(size)} in host memory (--candidates-on host)"
+        return images.to(device), f"candidates {gb(size)} in memory (device {device})"
+    free = torch.cuda.mem_get_info(device)[0]
     if where == "auto":
         where = "gpu" if size <= free / 2 else "host"
-        why = (f"at most half of the GPU's free {free:.1f} GB" if where == "gpu" else
-               f"more than half of the GPU's free {free:.1f} GB")
+        why = f"{'at most' if where == 'gpu' else 'more than'} half of the GPU's free {gb(free)}"
     else:
         why = f"--candidates-on {where}"
     if where == "gpu":
-        return images.to(device), f"candidates {size:.1f} GB on the GPU ({why})"
-    return HostCandidates(images, device), (f"candidates {size:.1f} GB in pinned host memory, each batch's picks "
+        return images.to(device), f"candidates {gb(size)} on the GPU ({why})"
+    return HostCandidates(images, device), (f"candidates {gb(size)} in pinned host memory, each batch's picks "
                                             f"copied to the GPU as it trains ({why})")
 
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a tiny image folder made on the spot, and the four scripts run as a user runs them.
+"""Shared test fixtures: a tiny image folder and a tiny STL-10 made on the spot, and the four scripts run as a
+user runs them.
 
 Everything runs on the CPU with no network: the data set is a folder of coloured-noise PNGs
 (32x32; the tiny preset resizes them to 16x16) whose four classes differ in colour, so a model can learn something in a few steps.
@@ -30,6 +31,28 @@ def make_image_folder(root, n_train=16, n_test=4, size=32, seed=0):
                 img = np.clip(np.array(colour)[None, None] + rng.normal(0, 40, (size, size, 3)), 0, 255)
                 Image.fromarray(img.astype(np.uint8)).save(os.path.join(d, f"{i:03d}.png"))
     return root
+
+
+def make_stl10(root, n_unlabeled=64, n_train=8, n_test=4, seed=0):
+    """A tiny STL-10 in its own binary layout, as torchvision's download unpacks it: root/stl10_binary/ with
+    {unlabeled,train,test}_X.bin (uint8, 3 x 96 x 96 an image, each channel stored column by column),
+    {train,test}_y.bin (one byte an image, the class 1..10) and class_names.txt. The images are coloured
+    noise, one colour per class (four classes of STL-10's ten are used; the unlabeled images take the same
+    colours). Returns root and the images as written, [N, 3, 96, 96] rows by rows, with their labels 0..9."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "stl10_binary")
+    os.makedirs(folder, exist_ok=True)
+    written = {}
+    for split, n in (("unlabeled", n_unlabeled), ("train", n_train * len(COLOURS)), ("test", n_test * len(COLOURS))):
+        y = np.arange(n) % len(COLOURS) if split != "unlabeled" else rng.integers(0, len(COLOURS), n)
+        x = np.clip(np.array(COLOURS)[y][:, :, None, None] + rng.normal(0, 40, (n, 3, 96, 96)), 0, 255).astype(np.uint8)
+        np.ascontiguousarray(x.transpose(0, 1, 3, 2)).tofile(os.path.join(folder, f"{split}_X.bin"))   # columns
+        if split != "unlabeled":
+            (y + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
+        written[split] = (x, y)
+    with open(os.path.join(folder, "class_names.txt"), "w") as f:
+        f.write("\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n")
+    return root, written
 
 
 def run(script, *args, cwd, check=True, timeout=1800, gpu=False):
@@ -99,6 +122,12 @@ class Chain:
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory, tiny_data):
     return Chain(str(tmp_path_factory.mktemp("chain")), tiny_data)
+
+
+@pytest.fixture(scope="session")
+def tiny_stl10(tmp_path_factory):
+    """A tiny STL-10 (make_stl10): 64 unlabeled, 32 labelled training and 16 test images."""
+    return make_stl10(str(tmp_path_factory.mktemp("tiny_stl10")))
 
 
 @pytest.fixture
