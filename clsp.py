@@ -891,10 +891,11 @@ def main(argv=None):
     check_settings(s, explicit)                 # a mistake is said before a candidate set is looked for
     uses_candidates = s["lam"] > 0 and s["positive"] == "synthetic"   # CLSP; otherwise no synthetic data
     syn = load_candidates(s, explicit, ckpt, args) if uses_candidates else None
-    if not uses_candidates and ckpt is None:
-        take_data_from_artifacts(s, explicit)
+    from_artifact = uses_candidates or (ckpt is None and take_data_from_artifacts(s, explicit))
     if ckpt is None:
-        data_set_settings(s, explicit, args.preset)   # the data set is known now: STL-10's own recipe
+        # The data set is known now: its own recipe (STL-10's), except the image size an artifact fixed.
+        given = {**explicit, **({"image_size": s["image_size"]} if from_artifact else {})}
+        data_set_settings(s, given, args.preset)
         if "warmup_epochs" not in explicit:
             # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
             s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
@@ -1015,9 +1016,9 @@ def artifact_data_settings(art):
 def take_data_from_artifacts(s, explicit):
     """A run without candidates (lam 0, or the "-aug" control) and no data flags: train on the data of the
     candidate set or the DDPM in the same folder, when there is one, so the baselines and controls see the
-    very images CLSP sees; say where it came from."""
+    very images CLSP sees; say where it came from. Returns whether it took them from an artifact."""
     if {"dataset", "data_dir", "image_size"} & explicit.keys():
-        return
+        return False
     for path in (s["synthetic"], os.path.join(os.path.dirname(s["synthetic"]), "ddpm.pt")):
         if not os.path.exists(path):
             continue                              # not there: try the next
@@ -1029,7 +1030,8 @@ def take_data_from_artifacts(s, explicit):
                  f"from is unknown; delete it, or pass --dataset and --data-dir to say which data to train on")
         print(f"data: {s['dataset']} in {s['data_dir']} at {s['image_size']}px, as in {path} "
               f"(pass --dataset / --data-dir to choose another)", flush=True)
-        return
+        return True
+    return False
 
 
 def training_images(s, syn, ckpt, args):

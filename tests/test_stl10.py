@@ -305,6 +305,10 @@ def test_the_tiny_chain_runs_on_stl10_with_every_method(tmp_path, tiny_stl10, ti
         assert proc.stdout.count("kNN ") == 2                                 # the monitor, both epochs
         c = torch.load(tmp_path / "runs" / f"clsp_{name}.pt", weights_only=True)
         assert c["method"] == method and c["data"]["dataset"] == "stl10" and c["settings"]["stem"] == "mid"
+    # Another preset than the candidates' (standard: 64 px on STL-10) keeps the image size they were made at.
+    proc = run("clsp.py", "--epochs", "1", "--batch-size", "32", "--knn-every", "0", "--out", "runs/clsp_std.pt",
+               cwd=tmp_path)
+    assert "stl10 at 16px" in proc.stdout
     for method in ("CLSP-SimCLR", "CLSP-MoCo", "NNCLR"):
         name = method.lower().replace("-", "_")
         run("evaluate.py", "--preset", "tiny", "--checkpoint", f"runs/clsp_{name}.pt", "--out",
