@@ -111,8 +111,9 @@ PRESETS = {
 # over it), another preset's entry is the data set's own version of that preset. STL-10, the authors'
 # configs/simclr_clsp_stl10.yaml and moco_clsp_stl10.yaml: 64 px, ResNet-18 with the "mid" stem
 # (make_backbone), SimCLR at batch 1024, lr 0.5, lam 1.0 (DEFAULTS already); `standard` trains 200 epochs,
-# as many images as CIFAR's 400 (100,000 images, not 50,000), `paper` the authors' 1000.
-DATASETS = {"stl10": {"standard": dict(image_size=64, stem="mid", epochs=200), "paper": dict(epochs=1000)}}
+# as many images as CIFAR's 400 (100,000 images, not 50,000), `quick` 15 (CIFAR's 30), `paper` the authors' 1000.
+DATASETS = {"stl10": {"standard": dict(image_size=64, stem="mid", epochs=200),
+                      "quick": dict(epochs=15, warmup_epochs=2, knn_every=5), "paper": dict(epochs=1000)}}
 # A base's own values on a data set, over BASES. MoCo on STL-10: batch 1024 and lr 0.3 unscaled (so 0.3 at
 # our batch 1024) and lam 0.4, as the authors' published moco_clsp_stl10.yaml, whose batch is the one in the
 # name of their reported run (moco_clsp_stl10_resnet18_bs-1024); an earlier version of that file had batch

@@ -98,6 +98,7 @@ def test_stl10_recipe_is_every_stages_default():
     assert settings_of(clsp, ["--base", "moco"])["lam"] == 0.5               # MoCo on CIFAR unchanged
     assert settings_of(clsp, ["--dataset", "stl10", "--base", "moco", "--lam", "0.2"])["lam"] == 0.2
     assert settings_of(clsp, ["--dataset", "stl10", "--preset", "paper"])["epochs"] == 1000
+    assert settings_of(clsp, ["--dataset", "stl10", "--preset", "quick"])["epochs"] == 15   # its own quick
     assert settings_of(clsp, ["--dataset", "stl10", "--preset", "tiny"])["image_size"] == 16
 
 
