@@ -31,6 +31,7 @@ view. Neither reads synthetic data. CLSP-NNCLR (the term on NNCLR's projections)
     python clsp.py --base nnclr --lam 0 --out runs/clsp_nnclr_lam0.pt   # NNCLR, the paper's foil
     python clsp.py --preset quick                    # ~30 epochs, part of the ~10 min quick pipeline
     python clsp.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
+    python clsp.py --synthetic runs/synthetic_stl10.pt --out runs/clsp_stl10.pt   # STL-10 at 64 px
     python clsp.py --resume                          # continue an interrupted run to its last epoch
     torchrun --standalone --nproc-per-node 4 clsp.py --preset paper   # 4 GPUs: the same run (README)
 

@@ -15,11 +15,12 @@ and a real "anchor" image.
     python ddpm.py                                   # standard preset: CIFAR-10, ch 64 UNet
     python ddpm.py --preset quick                    # the short DDPM of the ~10 minute pipeline
     python ddpm.py --preset tiny --dataset folder --data-dir DIR   # seconds on a CPU, for tests
+    python ddpm.py --dataset stl10 --out runs/ddpm_stl10.pt   # STL-10's unlabeled images at 64 px
     python ddpm.py --resume                          # continue an interrupted run
     torchrun --standalone --nproc-per-node 4 ddpm.py --preset paper   # 4 GPUs: the same run (README)
 
-Reads:  the training images (--dataset cifar10 | cifar100 | folder, --data-dir); it also checks that
-        the test images the later stages need are there.
+Reads:  the training images (--dataset cifar10 | cifar100 | stl10 | folder, --data-dir; STL-10: its
+        100,000 unlabeled ones); it also checks that the labelled images the later stages need are there.
 Writes: runs/ddpm.pt (raw + EMA weights, optimiser, step, settings; checkpointed as it trains)
         runs/ddpm_samples.png (an 8x8 grid of DDIM samples from the EMA weights; named after --out).
 Time:   tiny: 5.5 s on a 2-core CPU (the whole command). On a GPU: not yet measured with the compiled
