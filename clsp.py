@@ -59,8 +59,8 @@ import sys
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
 from common import (MAIN, WORLD_SIZE, EpochOrder, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype,
                     average_gradients, barrier, claim_output, command, compile_enabled, count_flops, data_info,
-                    dataset_settings, fail, gather, has_own_pretrain_split, load_artifact, load_dataset, load_for_resume, own_rows, peak_flops, refuse_to_overwrite,
-                    require_divisible, require_free_space, require_same_data, resolve_settings,
+                    dataset_settings, fail, gather, has_own_pretrain_split, load_artifact, load_dataset,
+                    load_for_resume, own_rows, peak_flops, refuse_to_overwrite, require_divisible, require_free_space, require_same_data, resolve_settings,
                     restore_training_state, resume_hint, run_main, settings_adder, start_processes, sync_batchnorm,
                     tensor_bytes, this_process, training_state, with_eager_fallback)
 
@@ -224,7 +224,8 @@ class HostCandidates:
     and the host goes on). pick_candidates draws k on the GPU exactly as for candidates held there, so a
     step is the same step; the picks are then read on the host (idx.cpu()), which waits until the GPU
     has finished the steps queued before it: one wait per step, and since the last copy is queued
-    before it, one buffer serves every step."""
+    before it, one buffer serves every step. Under torchrun every process holds its own copy: N x 9.8 GB
+    of host memory on a machine of N GPUs."""
 
     def __init__(self, images, device):
         self.shape, self.device = images.shape, device

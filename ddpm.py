@@ -467,6 +467,12 @@ def check_settings(s):
         fail(f"--lr must be a positive number, got {s['lr']}")
     if s["image_size"] % 2 ** (len(s["ch_mult"]) - 1):
         fail(f"--image-size {s['image_size']} must be divisible by 2^(levels-1) = {2 ** (len(s['ch_mult']) - 1)}")
+    sizes = [s["image_size"] // 2 ** i for i in range(len(s["ch_mult"]))]   # each level's resolution
+    attn = [s["attn_res"]] if isinstance(s["attn_res"], int) else s["attn_res"]   # an int: an older checkpoint's
+    wrong = [r for r in attn if r not in sizes]
+    if wrong:
+        fail(f"--attn-res {','.join(map(str, attn))}: {wrong[0]} px is no level of this UNet at --image-size "
+             f"{s['image_size']}; pass --attn-res with some of its levels' resolutions, {','.join(map(str, sizes))}")
     if s["sample_steps"] > s["T"]:
         fail(f"--sample-steps must be at most T = {s['T']}")
     require_divisible(s["batch_size"])          # torchrun: one equal slice of each batch per process

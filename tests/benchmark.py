@@ -7,6 +7,7 @@ implementation takes, on random data of the real shapes, in one run, so every sp
     python tests/benchmark.py --profile 1        # also a torch.profiler table of stage 1's compiled step
     python tests/benchmark.py --device cpu       # tiny sizes, seconds: checks that it runs (tests do this)
     python tests/benchmark.py --nproc 4         # stages 1-3 on 1 and on 4 GPUs (torchrun), the same global batch
+    python tests/benchmark.py --dataset stl10   # STL-10's shapes: 64 px, its UNet layout, the mid stem
 
 For each stage it prints images/s, the achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter, in
 fp32 terms: a bf16 multiply-add counts the same as an fp32 one), MFU against the GPU's dense bf16 peak
@@ -70,6 +71,11 @@ class Table:
         self.peak = common.peak_flops(device)
         self.device = device
         self.rows, self.notes = [], []
+
+    def first_loss(self, stage):
+        """The loss in the first row of a stage (its plain row), from the check column."""
+        row = next(r for r in self.rows if r[0] == stage)
+        return float(row[-1].split("loss ")[1].split(" ")[0])
 
     def add(self, stage, path, images, seconds, flops, check=""):
         mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else float("nan")
@@ -199,7 +205,7 @@ def bench_clsp(table, device, opts):
 
     def new_net(layout, head=clsp.make_head):
         torch.manual_seed(0)                                 # the same initial weights in every row
-        net = nn.Sequential(clsp.make_backbone(), head()).to(device, memory_format=layout)
+        net = nn.Sequential(clsp.make_backbone(sz.get("stem", "cifar")), head()).to(device, memory_format=layout)
         return net, torch.optim.SGD(net.parameters(), lr=1e-12, momentum=0.9, weight_decay=1e-4)
 
     def settings(batch, **kw):
@@ -247,6 +253,25 @@ def bench_clsp(table, device, opts):
 
     flops = bench_base("3 CLSP step", B, lambda net, opt, scaler, dtype, compiled, lay: (clsp.make_train_step(
         net, opt, scaler, settings(B, lam=1.0), mean, std, 1, dtype, compiled, lay), None))
+
+    # The candidates in pinned host memory (clsp.HostCandidates, as clsp.py --candidates-on host): the last
+    # row's step, each batch's picks gathered on the host and copied in; its loss must be the plain row's.
+    name, dtype, compiled, lay = rows[-1]
+    host = clsp.HostCandidates(synthetic.cpu(), device)
+    net, opt = new_net(lay)
+    step = clsp.make_train_step(net, opt, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                                settings(B, lam=1.0), mean, std, 1, dtype, compiled, lay)
+
+    def host_batch(size):
+        i = torch.randint(0, N, (size,), device=device)
+        return i, x_train[i], clsp.pick_candidates(host, i)
+    torch.manual_seed(1)
+    args = host_batch(B)
+    losses, first = first_call(lambda: [v.item() for v in step(*args, 0).values()])
+    sec = timed(lambda: step(*host_batch(B), 0), sz["iters"], sz["warmup"], device)
+    table.add("3 CLSP step", f"{name}, host candidates", 3 * B, sec, flops,
+              f"loss {losses[0] + losses[1]:.5f} (plain {table.first_loss('3 CLSP step'):.5f})"
+              + compile_note(first, compiled))
 
     # CLSP on MoCo-v2 (clsp.make_moco_step, as clsp.py --base moco runs it): each view through the query
     # encoder on its own, two more through the key encoder, the queues on the device, at MoCo's batch.
@@ -381,6 +406,10 @@ SIZES = {  # the real shapes on a GPU; tiny ones on a CPU, where only "it runs" 
                 clsp_images=16, moco_batch=4, moco_queue=8, nnclr_batch=4, nnclr_queue=8, feat_batch=4, iters=1,
                 warmup=0, workers=0),
 }
+STL10_SIZES = {  # --dataset stl10: what changes (ddpm.py's, generate.py's and clsp.py's STL-10 recipes)
+    "cuda": dict(img=64, ch_mult=(1, 2, 3, 4), attn_res=(32, 16), gen_batch=512, stem="mid"),
+    "cpu": dict(stem="mid"),
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,6 +506,8 @@ def main(argv=None):
     p.add_argument("--more", action="store_true",
                    help="stage 1 also with channels_last and at batch 32 and 512 (launch- or compute-bound?)")
     p.add_argument("--profile", default="", help="stages whose last row is also profiled, e.g. 12")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "stl10"],
+                   help="the shapes: CIFAR's 32 px, or STL-10's 64 px with its UNet layout and the ResNet's mid stem")
     p.add_argument("--nproc", type=int, help="stages 1 to 3's steps on 1 and on N processes (torchrun; one GPU "
                                              "each, or the CPU with --device cpu)")
     p.add_argument("--processes-worker", action="store_true", help=argparse.SUPPRESS)   # one of those processes
@@ -487,7 +518,8 @@ def main(argv=None):
         opts.stages = "".join(k for k in opts.stages if k in "123")
         return bench_processes(opts)
     device = common.pick_device(opts.device)
-    opts.sz = SIZES["cuda" if device.type == "cuda" else "cpu"]
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    opts.sz = {**SIZES[kind], **(STL10_SIZES[kind] if opts.dataset == "stl10" else {})}
     opts.compile = opts.compile and device.type == "cuda"    # on a CPU, compiling would take minutes
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True                # as clsp.py sets it

@@ -64,6 +64,15 @@ def test_a_damaged_stl10_file_is_one_sentence_and_nothing_is_written(tmp_path):
     assert "download STL-10 anew" in proc.stderr and not os.path.exists(tmp_path / "runs" / "ddpm.pt")
 
 
+def test_attention_at_no_level_of_the_unet_is_one_sentence(tmp_path, tiny_stl10):
+    root, _ = tiny_stl10
+    proc = run("ddpm.py", "--preset", "tiny", "--dataset", "stl10", "--data-dir", root, "--attn-res", "8,7",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "7 px is no level of this UNet" in proc.stderr and "16,8" in proc.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
 # ------------------------------------------------------------------------------------------------
 # The recipe: a data set's defaults sit beside the presets; a preset and a flag win over them
 # ------------------------------------------------------------------------------------------------
