@@ -17,6 +17,7 @@ def test_benchmark_runs_on_cpu():
                   "4 features"):
         assert stage in table
     assert "DataLoader" in table                        # the plain stage-3 path with torchvision's transforms
+    assert "host candidates" in table                    # clsp.HostCandidates' row, its loss checked below
     assert "per-epoch checkpoint: 115 MB" in table       # ResNet-18 + head weights and SGD momentum
     # The fast path computes the same function as the plain one: on the CPU (no bf16) exactly the same loss.
     for line in table.splitlines():
