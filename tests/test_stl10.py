@@ -335,3 +335,50 @@ def test_the_tiny_chain_runs_on_stl10_with_every_method(tmp_path, tiny_stl10, ti
     r = json.load(open(tmp_path / "runs" / "eval_transfer.json"))
     assert r["transfer"] and r["data"]["dataset"] == "folder" and r["data"]["image_size"] == 16
     assert "stl10 -> folder (transfer)" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2's memory: the candidate set is held once, made or resumed (STL-10's is 9.8 GB)
+# ------------------------------------------------------------------------------------------------
+
+MEMORY_CHECK = r'''
+import os, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import common, generate
+N, K, S, parts = 4000, 8, 64, sys.argv[2]            # a set of 4000 x 8 x 3 x 64 x 64 bytes: 393 MB
+
+class Stub:                                          # generate.Sampler's interface, without a UNet
+    rows, abar, unet = 4000, torch.zeros(1000), None
+    def candidates(self, anchors, K, w, b):
+        return torch.full((anchors.shape[0], K, 3, S, S), b % 251, dtype=torch.uint8)
+
+x = torch.zeros(N, 3, S, S, dtype=torch.uint8)
+s = dict(K=K, S=1, w=0.1, image_size=S, batch_size=4000 // 8)
+manifest = dict(settings=s)
+if sys.argv[3] == "resume":                          # half the batches finished by an earlier run
+    os.makedirs(parts)
+    common.atomic_save(manifest, os.path.join(parts, "manifest.pt"))
+    for b in range(0, 8, 2):
+        common.atomic_save({"images": Stub().candidates(x[:500], K, 0.1, b)}, common.part_path(parts, b))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with common.StopFlag() as stop:
+    images, _ = generate.make_all(Stub(), x, s, parts, manifest, False, stop)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+assert all((images[b * 500:(b + 1) * 500] == b % 251).all() for b in range(8))
+print("GROWTH", (peak - base) / images.numel())
+'''
+
+
+@pytest.mark.parametrize("how", ["fresh", "resume"])
+def test_stage_2_holds_the_candidate_set_once(tmp_path, how):
+    """generate.make_all fills the set in place: the process grows by about the set's size, made batch by
+    batch or read back from an interrupted run's parts (keeping every batch and joining them at the end,
+    as it once did, grows by twice the set)."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CHECK, REPO, str(tmp_path / "parts"), how],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    growth = float(proc.stdout.split("GROWTH")[1])
+    assert growth < 1.5, growth                                   # in units of the set's size
