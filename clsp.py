@@ -114,7 +114,7 @@ PRESETS = {
 # (make_backbone), SimCLR at batch 1024, lr 0.5, lam 1.0 (DEFAULTS already); `standard` trains 200 epochs,
 # as many images as CIFAR's 400 (100,000 images, not 50,000), `quick` 15 (CIFAR's 30), `paper` the authors' 1000.
 DATASETS = {"stl10": {"standard": dict(image_size=64, stem="mid", epochs=200),
-                      "quick": dict(epochs=15, warmup_epochs=2, knn_every=5), "paper": dict(epochs=1000)}}
+                      "quick": dict(epochs=15, knn_every=5), "paper": dict(epochs=1000)}}
 # A base's own values on a data set, over BASES. MoCo on STL-10: batch 1024 and lr 0.3 unscaled (so 0.3 at
 # our batch 1024) and lam 0.4, as the authors' published moco_clsp_stl10.yaml, whose batch is the one in the
 # name of their reported run (moco_clsp_stl10_resnet18_bs-1024); an earlier version of that file had batch
@@ -829,6 +829,12 @@ def base_settings(s, explicit, preset):
     s.update({k: v for k, v in BASES[s["base"]].items() if k not in explicit and k not in PRESETS[preset]})
 
 
+def shorten_warmup(s, explicit):
+    """A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs."""
+    if "warmup_epochs" not in explicit:
+        s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
+
+
 def data_set_settings(s, explicit, preset):
     """Once the data set is known: its own recipe (DATASETS) and its base's (DATASET_BASES: MoCo on STL-10),
     each under the preset and the flags given."""
@@ -891,6 +897,7 @@ def main(argv=None):
             return
     else:
         base_settings(s, explicit, args.preset)
+        shorten_warmup(s, explicit)
     check_settings(s, explicit)                 # a mistake is said before a candidate set is looked for
     uses_candidates = s["lam"] > 0 and s["positive"] == "synthetic"   # CLSP; otherwise no synthetic data
     syn = load_candidates(s, explicit, ckpt, args) if uses_candidates else None
@@ -899,9 +906,7 @@ def main(argv=None):
         # The data set is known now: its own recipe (STL-10's), except the image size an artifact fixed.
         given = {**explicit, **({"image_size": s["image_size"]} if from_artifact else {})}
         data_set_settings(s, given, args.preset)
-        if "warmup_epochs" not in explicit:
-            # A shortened run (--epochs 5) keeps warm-up to a tenth of it, as the authors' 10 of 1000 epochs.
-            s["warmup_epochs"] = min(s["warmup_epochs"], max(1, s["epochs"] // 10))
+        shorten_warmup(s, explicit)
         check_settings(s, explicit)             # again, with the data set's values
     method = method_name(s)
     x_train, y_train, classes, info = training_images(s, syn, ckpt, args)
