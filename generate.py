@@ -10,8 +10,9 @@ the UNet's bottleneck features h towards those of a real training image x_a, the
 at every step of a DDIM sampler (Song et al. 2021, eq. 12). The deep features h carry what the image
 shows, the skip connections carry how it looks, so the result keeps the anchor's content with a new
 background, pose and colour: a *hard* positive. (On STL-10 at 64 px the authors interpolate the three
-deepest skip connections too, --interp-layers 4: interpolated_eps says which and why.) The authors use w = 0.1 (90% anchor), S = 100 DDIM
-steps, eta = 0.1 and K = 8 candidates for each of the 50,000 training images (400,000 images, 1.2 GB).
+deepest skip connections too, --interp-layers 4: interpolated_eps says which.) The authors use w = 0.1
+(90% anchor), S = 100 DDIM steps, eta = 0.1 and K = 8 candidates for each of the 50,000 training images
+(400,000 images, 1.2 GB).
 The whole loop, line by line (`interpolated_ddim_sample` below is exactly this):
 
     x = randn                                                # x_T
@@ -54,8 +55,7 @@ import time
 # common.py first: it turns a Ctrl-C while PyTorch loads (seconds) into one sentence, not a traceback.
 from common import (MAIN, RANK, WORLD_SIZE, Progress, StopFlag, add_run_flags, atomic_save, autocast_dtype, barrier,
                     beside, claim_output, command, compile_enabled, count_flops, data_info, dataset_settings, fail,
-                    from_main,
-                    load_artifact, load_dataset, part_path, peak_flops, refuse_to_overwrite, require_free_space,
+                    from_main, load_artifact, load_dataset, part_path, peak_flops, refuse_to_overwrite, require_free_space,
                     require_same_data, resolve_settings, resume_parts, run_main, save_grid, settings_adder,
                     start_processes, with_eager_fallback)
 
@@ -114,8 +114,8 @@ def interpolated_eps(unet, x_t, xa_t, t, w, layers=1):
     are the ones its lowest level reads. With 2 res blocks a level, L = 4 (the authors on STL-10) takes the
     bottleneck and all three skips of the lowest level (8x8 at 64 px: the last down-sampling and that
     level's two blocks): the anchor decides the content down to that scale, and the sample keeps every
-    finer level's skips, its own appearance. At 64 px, 16 times the pixels of the 4x4 bottleneck at 32 px,
-    the bottleneck alone leaves the content freer; the authors add the deepest skips to hold it."""
+    finer level's skips, its own appearance. (Why the authors do so at 64 px, our reading: the 8x8
+    bottleneck of a 64-px image leaves more of the content to the skips than CIFAR's 4x4 one does.)"""
     h, skips, temb = unet.encode(x_t, t)       # the sample's bottleneck h, its skips, the time embedding
     h_anchor, skips_anchor, _ = unet.encode(xa_t, t)   # the anchor's (its skips only if layers > 1)
     h = (w * h + (1 - w) * h_anchor).to(h.dtype)   # the CLSP interpolation, on the bottleneck
