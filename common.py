@@ -614,7 +614,7 @@ def _load_stl10(data_dir, split, image_size):
     64 px, and resized to image_size (the authors: Resize(64) of each PIL image)."""
     folder = os.path.join(data_dir, "stl10_binary")
     x_name, y_name = STL10_FILES[split]
-    if not os.path.exists(os.path.join(folder, x_name)):
+    if not all(os.path.exists(os.path.join(folder, f)) for f in (x_name, y_name) if f):
         import torchvision  # only to download: 2.6 GB, checked against torchvision's md5 sums
         made = _outermost_new_folder(data_dir)
         try:
@@ -943,12 +943,13 @@ def part_path(parts, b):
     return os.path.join(parts, f"batch_{b:06d}.pt")
 
 
-def resume_parts(parts, manifest, n_batches, keep):
+def resume_parts(parts, manifest, n_batches, keep, defaults=None):
     """A long artifact made batch by batch (generate.py's candidates) keeps each finished batch b in
     part_path(parts, b), beside a manifest of what made them (settings, inputs). Each batch an interrupted
     run with the same manifest finished is handed to keep(b, images) as it is read (one batch in memory at
     a time, so the whole set is never held twice); returns their numbers, or an empty set and a new, empty
-    parts folder. A parts folder of other settings is refused, so one artifact never mixes two of them."""
+    parts folder. A parts folder of other settings is refused, so one artifact never mixes two of them; a
+    setting added to the script after it was made counts as its value in `defaults`."""
     chunks = set()
     if not os.path.isdir(parts):
         os.makedirs(parts)
@@ -958,6 +959,8 @@ def resume_parts(parts, manifest, n_batches, keep):
         old = torch.load(os.path.join(parts, "manifest.pt"), weights_only=True)
     except Exception:
         fail(f"{parts} holds an unfinished run but no readable manifest; delete {parts} and run again")
+    added = {k: v for k, v in (defaults or {}).items() if k in manifest["settings"] and k not in old["settings"]}
+    old = {**old, "settings": {**added, **old["settings"]}}
     if old != manifest:
         diff = {k: (old["settings"].get(k), v) for k, v in manifest["settings"].items()
                 if old["settings"].get(k) != v}

@@ -451,7 +451,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_settings(s):
+def check_settings(s, resumed=False):
     positive = ["image_size", "ch", "num_res_blocks", "steps", "batch_size", "warmup", "sample_steps",
                 "log_every", "save_every"]
     for k in positive:
@@ -470,7 +470,7 @@ def check_settings(s):
     sizes = [s["image_size"] // 2 ** i for i in range(len(s["ch_mult"]))]   # each level's resolution
     attn = [s["attn_res"]] if isinstance(s["attn_res"], int) else s["attn_res"]   # an int: an older checkpoint's
     wrong = [r for r in attn if r not in sizes]
-    if wrong:
+    if wrong and not resumed:   # a checkpoint made before this check keeps its own UNet
         fail(f"--attn-res {','.join(map(str, attn))}: {wrong[0]} px is no level of this UNet at --image-size "
              f"{s['image_size']}; pass --attn-res with some of its levels' resolutions, {','.join(map(str, sizes))}")
     if s["sample_steps"] > s["T"]:
@@ -487,7 +487,7 @@ def main(argv=None):
                                   command("ddpm.py", args, "--out", args.out), DEFAULTS)
     else:
         dataset_settings(s, explicit, args.preset, DATASETS, PRESETS)   # STL-10: 64 px, the authors' layout
-    check_settings(s)
+    check_settings(s, resumed=ckpt is not None)
     x_train, classes, info = training_images(s, ckpt, args)
     samples_png = args.samples or beside(args.out, "_samples.png")
     # Every check has passed: the device, and under torchrun the process group (common.start_processes).

@@ -313,6 +313,8 @@ def main(argv=None):
     # images than its unlabeled pre-training split by design, so there only another data set is a transfer.
     transfer = (s["dataset"] != ckpt["data"]["dataset"] if has_own_pretrain_split(s["dataset"]) else
                 data["info"]["fingerprint"] != ckpt["data"].get("fingerprint"))
+    if not transfer and ckpt.get("norm"):      # the backbone's own data: the Normalize it was trained with
+        data["mean"], data["std"] = (torch.tensor(ckpt["norm"][k], device=device) for k in ("mean", "std"))
     syn, judge, note = diagnostics_inputs(args, s, ckpt, data["info"], transfer)
 
     with claim_output(args.out):                  # checked now: a wrong --out fails before any work
@@ -377,7 +379,8 @@ def main(argv=None):
 def load_data(s, device):
     """Both splits on the device as uint8, their labels (numbered by the training classes' names, the
     same in both splits), and the normalisation clsp.py uses: the per-channel mean/std of the evaluated
-    training images. On the backbone's own data that is the checkpoint's `norm`; in a transfer run it is
+    training images. On the backbone's own data main replaces it with the checkpoint's `norm` (the same on
+    CIFAR; on STL-10 that of the unlabeled images it was trained on); in a transfer run it is
     the new data set's, as a Normalize transform for it would be."""
     x_train, y_train, classes = load_dataset(s["dataset"], s["data_dir"], "train", s["image_size"])
     x_test, y_test, _ = load_dataset(s["dataset"], s["data_dir"], "test", s["image_size"])
@@ -393,6 +396,9 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
     stops the run before any work; (None, None, why) when there are no diagnostics to make."""
     if args.synthetic.lower() == "none" or s["diag_anchors"] == 0:
         return None, None, "diagnostics of the synthetic positives off"
+    if has_own_pretrain_split(s["dataset"]) and not transfer:   # each compares a positive's class with its anchor's
+        return None, None, ("the synthetic positives belong to STL-10's unlabeled images, which have no labels "
+                            "to judge them by, so no diagnostics")
     if not os.path.exists(args.synthetic):
         return None, None, (f"no {args.synthetic}, so no diagnostics of the synthetic positives "
                             f"({command('generate.py', args, out=args.synthetic, default_out='runs/synthetic.pt')} "
@@ -400,9 +406,6 @@ def diagnostics_inputs(args, s, ckpt, info, transfer):
     if transfer:
         return None, None, ("transfer: the synthetic positives belong to the backbone's own data set, "
                             "so no diagnostics")
-    if has_own_pretrain_split(s["dataset"]):   # every diagnostic compares a positive's class with its anchor's
-        return None, None, ("the synthetic positives belong to STL-10's unlabeled images, which have no labels "
-                            "to judge them by, so no diagnostics")
     syn = load_artifact(args.synthetic, ("images", "data", "anchor_index"), "a generate.py candidate set",
                         command("generate.py", args, out=args.synthetic, default_out="runs/synthetic.pt"))
     if syn["data"] != info:

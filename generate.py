@@ -259,7 +259,7 @@ def make_all(sampler, x_train, s, parts, manifest, compiled, stop):
     def keep(b, batch):
         images[b * A:b * A + batch.shape[0]] = batch
 
-    finished = resume_parts(parts, manifest, n_batches, keep) if MAIN else set()   # an interrupted run's
+    finished = resume_parts(parts, manifest, n_batches, keep, DEFAULTS) if MAIN else set()   # an earlier run's
     todo = from_main([b for b in range(n_batches) if b not in finished])  # torchrun: as rank 0 found them
     made_here = set()
     done = N - sum(min(A, N - b * A) for b in todo)

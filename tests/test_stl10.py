@@ -127,7 +127,7 @@ def random_unet(seed=0, dtype=torch.float32):
 
 
 def todays_interpolated_eps(unet, x_t, xa_t, t, w, layers=1):
-    """generate.interpolated_eps as it was before --interp-layers: the bottleneck alone."""
+    """The bottleneck-only sampler's eps, written out: what --interp-layers 1 must give, bit for bit."""
     h, skips, temb = unet.encode(x_t, t)
     h_anchor, _, _ = unet.encode(xa_t, t)
     h = (w * h + (1 - w) * h_anchor).to(h.dtype)
@@ -382,3 +382,38 @@ def test_stage_2_holds_the_candidate_set_once(tmp_path, how):
     assert proc.returncode == 0, proc.stderr
     growth = float(proc.stdout.split("GROWTH")[1])
     assert growth < 1.5, growth                                   # in units of the set's size
+
+
+def test_a_missing_stl10_label_file_is_fetched_and_a_failed_fetch_is_one_sentence(tmp_path, monkeypatch):
+    """Any file of a split missing (a partial copy) sends it to the download; its failure is one sentence."""
+    import torchvision
+    root, _ = make_stl10(str(tmp_path / "data"), n_unlabeled=4, n_train=1, n_test=1)
+    os.remove(os.path.join(root, "stl10_binary", "train_y.bin"))
+    asked = []
+
+    def no_network(*args, **kwargs):
+        asked.append(kwargs)
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "STL10", no_network)
+    with pytest.raises(SystemExit) as e:
+        common.load_dataset("stl10", root, "train", 16)
+    assert asked and asked[0]["download"] and "could not find or download stl10" in str(e.value)
+    assert "\n" not in str(e.value)
+    common.load_dataset("stl10", root, "pretrain", 16)            # the unlabeled split is whole: no download
+    assert len(asked) == 1
+
+
+def test_an_interrupted_candidate_set_of_before_interp_layers_still_resumes(tmp_path):
+    """A parts folder whose manifest predates a setting (here interp_layers) resumes when the setting
+    has its default value, and is refused when it has another."""
+    parts = str(tmp_path / "parts")
+    old = dict(settings=dict(K=2, S=5, w=0.1), data={}, ddpm={})
+    os.makedirs(parts)
+    common.atomic_save(old, os.path.join(parts, "manifest.pt"))
+    common.atomic_save({"images": torch.ones(3, 2, 3, 4, 4, dtype=torch.uint8)}, common.part_path(parts, 0))
+    kept = {}
+    new = dict(settings=dict(K=2, S=5, w=0.1, interp_layers=1), data={}, ddpm={})
+    assert common.resume_parts(parts, new, 2, kept.__setitem__, generate.DEFAULTS) == {0} and 0 in kept
+    four = dict(settings=dict(K=2, S=5, w=0.1, interp_layers=4), data={}, ddpm={})
+    with pytest.raises(SystemExit, match="interp_layers"):
+        common.resume_parts(parts, four, 2, kept.__setitem__, generate.DEFAULTS)
