@@ -196,7 +196,8 @@ def dataset_settings(s, explicit, preset, datasets, presets):
     `paper` is the authors' STL-10 run), which wins over the preset; a flag wins over everything."""
     own = datasets.get(s["dataset"], {})
     as_saved = lambda v: list(v) if isinstance(v, tuple) else v
-    s.update({k: as_saved(v) for k, v in own.get("standard", {}).items() if k not in explicit and k not in presets[preset]})
+    s.update({k: as_saved(v) for k, v in own.get("standard", {}).items()
+              if k not in explicit and k not in presets[preset]})
     if preset != "standard":
         s.update({k: as_saved(v) for k, v in own.get(preset, {}).items() if k not in explicit})
 
@@ -532,20 +533,20 @@ def barrier():
 # ------------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff")
-DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 
 
 def load_dataset(name, data_dir, split, image_size=32):
     """Returns (x uint8 [N, 3, S, S], y int64 [N], class_names) for split 'pretrain', 'train' or 'test'
     (above). y is -1 for every image of a split without labels (STL-10's unlabeled one)."""
+    same = "train" if split == "pretrain" else split   # CIFAR and folders: pretrain is the training split
     if name in ("cifar10", "cifar100"):
-        x, y, classes = _load_cifar(name, data_dir, "train" if split == "pretrain" else split)
+        x, y, classes = _load_cifar(name, data_dir, same)
         if image_size != 32:
             x = _resize(x, image_size)
     elif name == "stl10":
         x, y, classes = _load_stl10(data_dir, split, image_size)
     elif name == "folder":
-        x, y, classes = _load_folder(data_dir, "train" if split == "pretrain" else split, image_size)
+        x, y, classes = _load_folder(data_dir, same, image_size)
     else:
         fail(f"unknown --dataset {name!r}; choose cifar10, cifar100, stl10 or folder (with --data-dir DIR)")
     if split in ("pretrain", "train") and len(classes) < 2:
